@@ -1,0 +1,64 @@
+"""The one record schema every data source turns into, and its JSONL form."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from vlrlcd.errors import VlrlcdError
+
+
+@dataclass
+class Record:
+    """One prompt: `image` is a path (relative to the JSONL file when read from one) or None."""
+
+    id: str
+    prompt: str
+    image: str | None = None
+    reference: str | None = None
+    choices: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if not d["meta"]:
+            d.pop("meta")
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
+    """Write records as JSONL (image paths kept as given: relative to the file's folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """Read our JSONL; image paths are resolved against the file's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise VlrlcdError(f"{path}: no such file")
+    out: list[Record] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise VlrlcdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            img = d.get("image")
+            if img is not None and not Path(img).is_absolute():
+                d["image"] = str(path.parent / img)
+            try:
+                out.append(Record(**d))
+            except TypeError as e:
+                raise VlrlcdError(f"{path}:{lineno}: bad record ({e})") from None
+    return out
