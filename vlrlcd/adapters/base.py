@@ -1,0 +1,215 @@
+"""StudentAdapter: the one interface objectives, the ranking core and the loop use for any student.
+
+Every computation over a prompt's K candidates runs the prompt prefix (image features merged in)
+once, then the K continuations as one batch on top of the shared prefix key/value cache. The image
+goes through the vision tower once per prompt (`image_features`), and the result is reused by every
+prefix built from that image (the policy prompt, the scoring prompt, the policy and reference passes).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+
+from vlrlcd.adapters.cache import expand_cache
+from vlrlcd.adapters.families import Family
+from vlrlcd.errors import VlrlcdError
+
+REFERENCE_ADAPTER = "sft"
+POLICY_ADAPTER = "default"
+
+
+@dataclass
+class Prefix:
+    """One prompt, tokenized with the checkpoint's chat template, ready to be run once."""
+
+    input_ids: torch.Tensor                     # [1, P]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # image features, grids, token types
+    image_features: Any = None                  # reusable by another prefix over the same image
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token log-probs of K responses given one prefix; `mask` is 1 on real tokens."""
+
+    logp: torch.Tensor   # [K, T]
+    mask: torch.Tensor   # [K, T] float
+    ids: torch.Tensor    # [K, T]
+
+    def sequence(self, length_normalize: bool = True) -> torch.Tensor:
+        """s(y) = Σ_t logp_t (or its mean over real tokens when `length_normalize`)."""
+        total = (self.logp * self.mask).sum(-1)
+        return total / self.mask.sum(-1).clamp(min=1) if length_normalize else total
+
+
+class StudentAdapter:
+    """A (peft-wrapped) student, its processor / tokenizer and the family-specific input building."""
+
+    def __init__(self, model, processor, tokenizer, family: Family, name_or_path: str):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.family = family
+        self.name_or_path = name_or_path
+        self.vision_calls = 0
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids: list[int] = list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    # ---------------------------------------------------------------- inputs
+    @property
+    def is_vision(self) -> bool:
+        return self.family.vision
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_image(self, image: str | Path | Image.Image | None) -> Image.Image | None:
+        if image is None or isinstance(image, Image.Image):
+            return image
+        from vlrlcd.datasets.images import load_image
+
+        return load_image(image)
+
+    def prefix(self, prompt: str, image: str | Path | Image.Image | None = None,
+               features: Any = None) -> Prefix:
+        """Tokenize `prompt` (with its image) through the chat template; the vision tower runs only
+        when `features` from an earlier prefix over the same image are not given."""
+        if image is not None and not self.is_vision:
+            raise VlrlcdError(
+                f"student {self.name_or_path} is a text-only model ({self.family.name}) but the record has an "
+                "image; use a vision-language checkpoint or a text-only dataset"
+            )
+        if not prompt or not prompt.strip():
+            raise VlrlcdError("empty prompt: every record needs a non-empty prompt")
+        img = self.load_image(image)
+        input_ids, model_kwargs, pixel_inputs = self.family.build_prompt(self, prompt, img)
+        if img is not None:
+            if features is None:
+                features = self.image_features(pixel_inputs)
+            model_kwargs = {**model_kwargs, **self.family.feature_kwargs(features, pixel_inputs)}
+        return Prefix(input_ids.to(self.device), model_kwargs, features)
+
+    def image_features(self, pixel_inputs: dict[str, torch.Tensor]) -> Any:
+        """The one vision-tower pass for an image (gradient only if the projector is trained)."""
+        self.vision_calls += 1
+        return self.family.image_features(self.model, pixel_inputs)
+
+    def encode_response(self, text: str, add_eos: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids + [self.eos_ids[0]] if add_eos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in self.eos_ids and i != self.pad_id]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # ---------------------------------------------------------------- compute
+    def _prefix_forward(self, prefix: Prefix):
+        out = self.model(input_ids=prefix.input_ids, use_cache=True, logits_to_keep=1, **prefix.model_kwargs)
+        return out.past_key_values, out.logits[:, -1, :]
+
+    def _pad(self, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not responses or any(len(r) == 0 for r in responses):
+            raise ValueError("every response needs at least one token")
+        T = max(len(r) for r in responses)
+        ids = torch.full((len(responses), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(responses), T)
+        for i, r in enumerate(responses):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1.0
+        return ids.to(self.device), mask.to(self.device)
+
+    def token_logprobs(self, prefix: Prefix, responses: list[list[int]]) -> TokenLogprobs:
+        """log π(y_t | x, y_<t) for K responses, sharing one prefix pass (grad if grad is enabled)."""
+        ids, mask = self._pad(responses)
+        K = ids.shape[0]
+        cache, last = self._prefix_forward(prefix)
+        out = self.model(input_ids=ids, past_key_values=expand_cache(cache, K), use_cache=True)
+        logits = torch.cat([last.unsqueeze(1).expand(K, 1, -1), out.logits[:, :-1, :]], dim=1).float()
+        logp = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return TokenLogprobs(logp * mask, mask, ids)
+
+    @torch.no_grad()
+    def sample(self, prefix: Prefix, k: int, max_new_tokens: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """K continuations of one prefix (greedy when temperature == 0), each ending at EOS or the limit."""
+        cache, logits = self._prefix_forward(prefix)
+        cache = expand_cache(cache, k)
+        logits = logits.expand(k, -1)
+        eos = torch.tensor(self.eos_ids, device=logits.device)
+        done = torch.zeros(k, dtype=torch.bool, device=logits.device)
+        steps: list[torch.Tensor] = []
+        for t in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            steps.append(nxt)
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            out = self.model(input_ids=nxt.unsqueeze(1), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+        seqs = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(k)]
+        result = []
+        for row in seqs:
+            out_row = []
+            for tok in row:
+                out_row.append(tok)
+                if tok in self.eos_ids:
+                    break
+            result.append(out_row)
+        return result
+
+    @torch.no_grad()
+    def generate(self, records: list, max_new_tokens: int) -> list[str]:
+        """Greedy answers for records (anything with `.prompt` and `.image`)."""
+        answers = []
+        for r in records:
+            p = self.prefix(r.prompt, r.image)
+            answers.append(self.decode(self.sample(p, 1, max_new_tokens, temperature=0.0)[0]))
+        return answers
+
+    # ---------------------------------------------------------------- adapters
+    @property
+    def has_reference_adapter(self) -> bool:
+        return REFERENCE_ADAPTER in getattr(self.model, "peft_config", {})
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run as the reference policy: the frozen SFT adapter on the same base weights (or the bare
+        base when there was no SFT stage). Never a second copy of the model."""
+        if self.has_reference_adapter:
+            self.model.set_adapter(REFERENCE_ADAPTER)
+            try:
+                yield
+            finally:
+                self.model.set_adapter(POLICY_ADAPTER)
+                self._freeze_reference()
+        else:
+            with self.model.disable_adapter():
+                yield
+
+    def _freeze_reference(self) -> None:
+        for name, p in self.model.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                p.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Save the policy adapter as a plain peft adapter directory (loadable with PeftModel.from_pretrained)."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out, selected_adapters=[POLICY_ADAPTER])
+        return out

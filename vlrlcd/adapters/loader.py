@@ -1,0 +1,138 @@
+"""Load a student checkpoint (local directory or hub id) with optional bitsandbytes quantization and
+peft LoRA, behind the StudentAdapter interface."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from vlrlcd.adapters.base import POLICY_ADAPTER, REFERENCE_ADAPTER, StudentAdapter
+from vlrlcd.adapters.config import StudentConfig
+from vlrlcd.adapters.families import Family, detect_family
+from vlrlcd.errors import VlrlcdError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _load_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        if Path(name_or_path).exists():
+            raise VlrlcdError(f"{name_or_path}: no config.json in this directory; is it a saved checkpoint?") from None
+        raise VlrlcdError(
+            f"student.name_or_path '{name_or_path}' is not a local directory and could not be fetched from the hub"
+            + (" (offline mode: HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else "")
+            + f"; download it first or point to a local copy ({type(e).__name__})"
+        ) from None
+
+
+def quantization_config(cfg: StudentConfig, family: Family):
+    """bitsandbytes settings for `student.quantization` (nf4 + double quantisation for 4bit)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = ["lm_head"] + (["vision_tower", "visual", family.projector] if family.vision else [])
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[s for s in skip if s])
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_DTYPES[cfg.compute_dtype], llm_int8_skip_modules=[s for s in skip if s],
+    )
+
+
+def lora_config(cfg: StudentConfig, family: Family):
+    from peft import LoraConfig
+
+    extra = [family.projector] if (cfg.lora.train_projector and family.projector) else None
+    return LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules or family.default_targets(),
+        modules_to_save=extra, task_type="CAUSAL_LM", bias="none",
+    )
+
+
+def load_base(cfg: StudentConfig):
+    """(model, processor, tokenizer, family) for `cfg.name_or_path`, without any adapter."""
+    import transformers
+
+    _quiet_transformers()
+    path = cfg.name_or_path
+    hf_config = _load_config(path)
+    family = detect_family(hf_config, cfg.family)
+    dtype = _DTYPES[cfg.compute_dtype]
+    quant = quantization_config(cfg, family)
+    kwargs: dict = {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+    model = getattr(transformers, family.auto_class).from_pretrained(path, **kwargs)
+    if quant is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    processor = None
+    if family.vision:
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise VlrlcdError(
+                f"{path}: could not load the processor ({type(e).__name__}: {str(e).splitlines()[0][:160]}); a "
+                "vision-language checkpoint directory needs its processor files (save them with "
+                "processor.save_pretrained(DIR))"
+            ) from None
+        if isinstance(processor, transformers.PreTrainedTokenizerBase) or getattr(processor, "image_processor", None) is None:
+            raise VlrlcdError(
+                f"{path}: found a tokenizer but no image processor (preprocessor_config.json); save the full "
+                "processor with processor.save_pretrained(DIR)"
+            )
+        tokenizer = processor.tokenizer
+    else:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise VlrlcdError(f"{path}: could not load the tokenizer ({type(e).__name__}); save it beside the model") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, processor, tokenizer, family
+
+
+def load_student(cfg: StudentConfig, adapter: str | Path | None = None,
+                 reference: str | Path | None = None, trainable: bool = True) -> StudentAdapter:
+    """The student with a LoRA policy adapter: fresh, or loaded from `adapter` (a plain peft directory);
+    `reference` (the SFT adapter) is kept frozen beside it on the same base weights."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    model, processor, tokenizer, family = load_base(cfg)
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").exists():
+            raise VlrlcdError(f"{adapter}: not a peft adapter directory (no adapter_config.json)")
+        peft_model = PeftModel.from_pretrained(model, str(adapter), adapter_name=POLICY_ADAPTER, is_trainable=trainable)
+    else:
+        peft_model = get_peft_model(model, lora_config(cfg, family), adapter_name=POLICY_ADAPTER)
+    if reference is not None:
+        peft_model.load_adapter(str(reference), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        peft_model.set_adapter(POLICY_ADAPTER)
+    if not trainable:
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+    student = StudentAdapter(peft_model, processor, tokenizer, family, str(cfg.name_or_path))
+    if reference is not None:
+        student._freeze_reference()
+    return student
