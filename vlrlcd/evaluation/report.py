@@ -264,7 +264,7 @@ def _rollouts_section(run_dir: Path, methods: list[str], records: dict, images: 
            "Margin r_k: the student's anchor-conditioned score of candidate k minus that of the anchor "
            "(green: judged better than the anchor, red: worse; bars scaled to the prompt's largest |r|). "
            "D_x(k) ∝ sigmoid(γ·r_k)·exp(r_k/τ): the target distribution over the K candidates; "
-           "the highlighted row has the largest D_x.</p>']
+           "the highlighted row has the largest D_x.</p>"]
     any_rollouts = False
     for m in methods:
         rr = read_rows(run_dir / m / "rollouts.jsonl")
