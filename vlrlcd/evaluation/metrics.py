@@ -41,7 +41,7 @@ def _strip_punct(s: str) -> str:
             out.append(ch)
             continue
         nxt = s[i + 1] if i + 1 < len(s) else ""
-        prv = s[i - 1] if i > 0 else ""
+        prv = out[-1] if out else ""  # from the output, so that normalising twice changes nothing
         if ch == "-" and nxt.isdigit() and not prv.isalnum():
             out.append(ch)  # sign of a negative number: "-4" stays "-4", not "4"
         elif ch == "." and prv.isdigit() and nxt.isdigit():
@@ -315,7 +315,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: np.ndarray, iters: int = 100
     0.5·Σ l2_j·w_j², by Newton's method (the problem is convex)."""
     w = np.zeros(x.shape[1])
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -500.0, 500.0)))
         grad = x.T @ (p - y) + l2 * w
         hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(l2)
         step = np.linalg.solve(hess, grad)
