@@ -201,20 +201,3 @@ def test_judge_predictions_uses_record_references_and_validates():
     with pytest.raises(VlrlcdError, match="aligned"):
         judge_predictions(recs, ["p"], None, judge)
 
-
-def test_write_eval_results_layout(tmp_path):
-    import json
-
-    from vlrlcd.evaluation.results import write_eval_results
-
-    recs = [Record("v1", "What color?", None, "red"), Record("v2", "What color?", None, "blue")]
-    res = write_eval_results(tmp_path / "ldl_grpo", recs, ["Red.", "green"])
-    assert res == {"metric": "accuracy", "value": 0.5, "n": 2}
-    assert json.loads((tmp_path / "ldl_grpo" / "eval.json").read_text()) == res
-    rows = [json.loads(x) for x in (tmp_path / "ldl_grpo" / "predictions.jsonl").read_text().splitlines()]
-    assert rows[0] == {"id": "v1", "prompt": "What color?", "prediction": "Red.", "reference": "red",
-                       "correct": True}
-    assert rows[1]["correct"] is False
-    cap = [Record("c1", "Describe.", None, "a red circle", meta={"task": "shapes_caption", "objects": OBJECTS})]
-    res = write_eval_results(tmp_path / "sft", cap, ["a red circle and a blue square"])
-    assert res["metric"] == "caption_attributes" and res["value"] == pytest.approx(2 / 3)
