@@ -89,13 +89,13 @@ def read_records(path: Path) -> tuple[dict[str, Record], str | None]:
 
 
 def resolve_image(run_dir: Path, image: str | None) -> Path | None:
-    """A rollout's image path: absolute, relative to RUN, or relative to RUN/data."""
+    """A rollout's image path: absolute, relative to RUN, to RUN/data, or to the working directory."""
     if not image:
         return None
     p = Path(image)
     if p.is_absolute():
         return p
-    for base in (run_dir, run_dir / "data"):
-        if (base / p).exists():
-            return base / p
+    for cand in (run_dir / p, run_dir / "data" / p, p):
+        if cand.exists():
+            return cand
     return run_dir / p
