@@ -216,3 +216,15 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert EVIL in dom.candidate_texts  # the <script> candidate is shown as text
     assert dom.count("span", "fill") == 11 and dom.count("div", "bar") == 11
     assert "pwned" not in dom_text.split("<title>")[1].split("</title>")[0]
+
+
+def test_resolve_image_tries_run_data_and_working_directory(tmp_path, monkeypatch):
+    from vlrlcd.evaluation.rundir import resolve_image
+
+    run = make_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_image(run, "data/images/t0.png") == run / "data/images/t0.png"
+    assert resolve_image(run, "images/t0.png") == run / "data/images/t0.png"
+    assert resolve_image(run, "run/data/images/t0.png") == Path("run/data/images/t0.png")
+    assert resolve_image(run, "missing.png") == run / "missing.png"
+    assert resolve_image(run, None) is None
