@@ -1,1 +1,1 @@
-
+"""Records, synthetic generators, format loaders and validation (import the submodules directly)."""

@@ -28,14 +28,27 @@ class Record:
         return {k: v for k, v in d.items() if v is not None}
 
 
+def _relative_image(image: str | None, folder: Path) -> str | None:
+    """An image path under `folder` (the JSONL's folder) written relative to it; others as given."""
+    if image is None:
+        return None
+    try:
+        return Path(image).resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return image
+
+
 def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
-    """Write records as JSONL (image paths kept as given: relative to the file's folder)."""
+    """Write records as JSONL; image paths inside the file's folder are written relative to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+            d = r.to_json()
+            if "image" in d:
+                d["image"] = _relative_image(d["image"], path.parent)
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
 
@@ -62,3 +75,30 @@ def read_jsonl(path: str | Path) -> list[Record]:
             except TypeError as e:
                 raise VlrlcdError(f"{path}:{lineno}: bad record ({e})") from None
     return out
+
+
+@dataclass
+class Problem:
+    """Why one record cannot be used, and where it is (file:line, or file: index / row)."""
+
+    where: str
+    reason: str
+    id: str | None = None
+    field: str | None = None
+
+    def message(self) -> str:
+        rec = f"record '{self.id}'" if self.id is not None else "record"
+        fld = f", field '{self.field}'" if self.field else ""
+        return f"{self.where}: {rec}{fld}: {self.reason}"
+
+    def to_json(self) -> dict:
+        return {"where": self.where, "id": self.id, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class Entry:
+    """A record read from a source with its location, or the problem that stopped it being read."""
+
+    where: str
+    record: Record | None = None
+    problem: Problem | None = None
