@@ -39,7 +39,7 @@ def preference_loss(chosen_reward: Tensor, rejected_reward: Tensor) -> tuple[Ten
     loss = -F.logsigmoid(diff).mean()
     with torch.no_grad():
         metrics = {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "reward_accuracy": float((chosen_reward > rejected_reward).float().mean()),
             "reward_margin": float(diff.mean()),
             "chosen_reward": float(chosen_reward.mean()),

@@ -67,7 +67,7 @@ def grpo_loss(token_logp: Tensor, old_token_logp: Tensor | None, ref_token_logp:
         low = ((ratio < 1 - eps_low) & (adv_b < 0)).to(lp.dtype)
         high = ((ratio > 1 + eps_high) & (adv_b > 0)).to(lp.dtype)
         metrics = {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "kl_ref": float(masked_mean(kl, m)) if kl is not None else 0.0,
             "clip_ratio_low": float(masked_mean(low, m)),
             "clip_ratio_high": float(masked_mean(high, m)),

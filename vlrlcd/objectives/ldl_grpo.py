@@ -44,7 +44,7 @@ def ldl_grpo_loss(token_logp: Tensor, ref_token_logp: Tensor | None, mask: Tenso
         q_entropy = -torch.special.xlogy(q, q).sum(-1).mean()
         finite = torch.isfinite(scores)
         metrics = {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "kl_target": float(kl_target),
             "kl_ref": float(kl_ref),
             "q_entropy": float(q_entropy),
