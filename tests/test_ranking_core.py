@@ -13,7 +13,7 @@ from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranking.core import entropy, log_target_distribution, margins, target_distribution
 from vlrlcd.ranking.pairs import ANCHOR, preference_pairs
 
-HYP = settings(derandomize=True, deadline=None, max_examples=150)
+HYP = settings(derandomize=True, deadline=None, max_examples=100)
 
 
 def _sigmoid(x: float) -> float:
