@@ -357,11 +357,11 @@ def coco_entries(table: Table, ctx: Context) -> list[Entry]:
         if not isinstance(a, dict):
             out.append(Entry(where, problem=Problem(where, f"expected an object, got {type(a).__name__}")))
             continue
-        aid = a.get("id")
+        aid = None if a.get("id") is None else str(a.get("id"))
         if a.get("image_id") not in ids:
             out.append(Entry(where, problem=Problem(where, f"image_id {a.get('image_id')!r} is not in 'images'", aid, "image_id")))
         elif not isinstance(a.get("caption"), str):
-            out.append(Entry(where, problem=Problem(where, f"expected a string caption, got {a.get('caption')!r:.40}", aid, "caption")))
+            out.append(Entry(where, problem=Problem(where, f"expected a string, got {a.get('caption')!r:.40}", aid, "caption")))
         else:
             captions.setdefault(a["image_id"], []).append(a["caption"].strip())
     root = ctx.image_root or ctx.base
@@ -391,8 +391,10 @@ MAPPERS: dict[str, Callable[[Row, Context], Record]] = {
 # ------------------------------------------------------------------------------------- detection
 
 
-def detect_format(table: Table) -> tuple[str, str]:
-    """(format, why) from what the source holds; raises with the keys seen when nothing fits."""
+def detect_format(table: Table, columns: dict[str, str] | None = None) -> tuple[str, str]:
+    """(format, why) from what the source holds (data.columns set means hf); raises naming the keys seen."""
+    if columns:
+        return "hf", "data.columns is set"
     if table.kind == "text":
         return "text", "a plain text file: one prompt per line"
     if isinstance(table.doc, dict) and "images" in table.doc and "annotations" in table.doc:
@@ -411,7 +413,8 @@ def detect_format(table: Table) -> tuple[str, str]:
         return "hf", f"a table with columns {', '.join(sorted(keys))}"
     raise VlrlcdError(
         f"{table.source}: cannot tell the format from the keys {', '.join(sorted(keys))}; "
-        "set data.format to one of jsonl, hf, aokvqa, coco_captions, llava, text"
+        "set data.format to one of jsonl, hf, aokvqa, coco_captions, llava, text, "
+        "or name the prompt column with data.columns.prompt=<column>"
     )
 
 

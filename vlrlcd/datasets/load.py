@@ -91,7 +91,7 @@ def _locked(folder: Path) -> Iterator[None]:
     except ImportError:  # not on POSIX: no lock
         yield
         return
-    with open(folder / ".lock", "w") as f:
+    with open(folder / ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -157,7 +157,7 @@ def read_split(cfg, split: str) -> SplitSource | None:
         kind = "text"
     table = read_source(path, kind, d.train_split if split == "train" else d.eval_split)
     if d.format == "auto":
-        fmt, why = detect_format(table)
+        fmt, why = detect_format(table, d.columns)
         how = f"detected format '{fmt}': {why}"
     else:
         fmt, how = d.format, f"format '{d.format}' (data.format)"
