@@ -139,7 +139,7 @@ def test_aokvqa_multiple_choice_and_rationale(tmp_path):
     assert any("detected format 'aokvqa'" in n for n in s.notes)
     assert r.id == "q1" and r.image == str(root / "val2017" / "000000000042.jpg")
     assert r.prompt == "What is the animal doing?\nChoices: sleeping, eating, running, flying\nAnswer with one of the choices."
-    assert (r.reference, r.choices) == ("eating", ["sleeping", "eating", "running", "flying"])
+    assert (r.reference, r.choices, r.meta["answer_index"]) == ("eating", ["sleeping", "eating", "running", "flying"], 1)
     assert s.skipped == 1
     with pytest.raises(VlrlcdError, match=r"aokvqa_val.json: \[1\]: record 'q2', field 'correct_choice_idx': expected an index into the 2 choices, got 5"):
         load_splits(_cfg(tmp_path, path, f"data.image_root={root}"))

@@ -265,3 +265,40 @@ def test_file_task_config_errors(tmp_path):
         load_splits(_cfg(tmp_path, tmp_path / "missing.jsonl"))
     with pytest.raises(VlrlcdError, match="data.format 'csv'"):
         _cfg(tmp_path, tmp_path / "x.jsonl", "data.format=csv")
+
+
+# ------------------------------------------------------------------------------------- robustness
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vlrlcd.datasets.checks import validate_entries  # noqa: E402
+from vlrlcd.datasets.formats import Context, to_entries  # noqa: E402
+from vlrlcd.datasets.sources import Row, Table  # noqa: E402
+
+_scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=6)
+_json = st.recursive(_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6)
+_keys = st.sampled_from([
+    "id", "prompt", "image", "reference", "choices", "meta", "question", "answer", "correct_choice_idx",
+    "rationales", "image_id", "split", "conversations", "messages", "from", "value", "refernce",
+])
+_rows = st.lists(st.dictionaries(_keys, _json, max_size=6), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=_rows, fmt=st.sampled_from(["jsonl", "hf", "aokvqa", "llava", "text", "coco_captions"]))
+def test_arbitrary_rows_give_records_or_named_problems(tmp_path, rows, fmt):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    ctx = Context(source="x.json", base=tmp_path, image_root=None, extract_dir=tmp_path / "ex", stem="t", cfg=cfg.data)
+    if fmt == "coco_captions":
+        table = Table("x.json", "json", doc={"images": rows, "annotations": rows})
+    else:
+        table = Table("x.json", "json", [Row(f"x.json: [{i}]", i, data=r) for i, r in enumerate(rows)])
+    try:
+        entries = to_entries(table, fmt, ctx)
+    except VlrlcdError:       # a whole-source problem (e.g. no prompt column): one line, no traceback
+        return
+    good, bad = validate_entries(entries, cfg.data)
+    assert len(good) + len(bad) == len(entries)
+    for p in bad:
+        assert p.where.startswith("x.json: ") and p.reason and "\n" not in p.message()

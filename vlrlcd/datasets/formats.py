@@ -133,10 +133,11 @@ def image_value(value: Any, ctx: Context, rid: Any, root_first: bool) -> str | N
             raise RowError("image", "empty image path", rid)
         return _resolve(value, ctx.roots(root_first))
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        if value.get("bytes"):
-            return _extract(value["bytes"], value.get("path"), ctx)
-        if value.get("path"):
-            return _resolve(value["path"], ctx.roots(root_first))
+        data, name = value.get("bytes"), value.get("path")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return _extract(bytes(data), name if isinstance(name, str) else None, ctx)
+        if isinstance(name, str) and name.strip():
+            return _resolve(name, ctx.roots(root_first))
         raise RowError("image", "the image entry has neither bytes nor a path", rid)
     if hasattr(value, "save") and hasattr(value, "mode"):  # a decoded PIL image
         import io
@@ -285,6 +286,8 @@ def map_aokvqa(row: Row, ctx: Context) -> Record:
     }
     image = _aokvqa_image(d, ctx, rid)
     if ctx.cfg.aokvqa_task == "mc":
+        if idx is not None:
+            meta["answer_index"] = idx
         prompt = f"{question}\nChoices: {_choices_text(choices)}\nAnswer with one of the choices."
         return Record(id=rid, prompt=prompt, image=image, reference=answer, choices=list(choices), meta=meta)
     prompt = f"{question}\nChoices: {_choices_text(choices)}\nExplain your reasoning briefly, then give the answer."
@@ -338,8 +341,9 @@ def map_llava(row: Row, ctx: Context) -> Record:
 
 
 def map_text(row: Row, ctx: Context) -> Record:
-    lineno = row.where.rsplit(":", 1)[-1]
-    return Record(id=f"{ctx.stem}-{lineno}", prompt=(row.data or {}).get("prompt", "").strip())
+    d = row.data or {}
+    prompt = d.get("prompt")
+    return Record(id=f"{ctx.stem}-{d.get('line', row.index + 1)}", prompt=prompt.strip() if isinstance(prompt, str) else prompt)
 
 
 def coco_entries(table: Table, ctx: Context) -> list[Entry]:
@@ -351,14 +355,14 @@ def coco_entries(table: Table, ctx: Context) -> list[Entry]:
         raise VlrlcdError(f"{src}: COCO captions need lists 'images' and 'annotations'")
     out: list[Entry] = []
     captions: dict[Any, list[str]] = {}
-    ids = {im.get("id") for im in images if isinstance(im, dict)}
+    ids = {im.get("id") for im in images if isinstance(im, dict) and isinstance(im.get("id"), (int, str))}
     for j, a in enumerate(anns):
         where = f"{src}: annotations[{j}]"
         if not isinstance(a, dict):
             out.append(Entry(where, problem=Problem(where, f"expected an object, got {type(a).__name__}")))
             continue
         aid = None if a.get("id") is None else str(a.get("id"))
-        if a.get("image_id") not in ids:
+        if not isinstance(a.get("image_id"), (int, str)) or a["image_id"] not in ids:
             out.append(Entry(where, problem=Problem(where, f"image_id {a.get('image_id')!r} is not in 'images'", aid, "image_id")))
         elif not isinstance(a.get("caption"), str):
             out.append(Entry(where, problem=Problem(where, f"expected a string, got {a.get('caption')!r:.40}", aid, "caption")))
@@ -367,7 +371,7 @@ def coco_entries(table: Table, ctx: Context) -> list[Entry]:
     root = ctx.image_root or ctx.base
     for i, im in enumerate(images):
         where = f"{src}: images[{i}]"
-        if not isinstance(im, dict) or im.get("id") is None or not isinstance(im.get("file_name"), str):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), (int, str)) or not isinstance(im.get("file_name"), str):
             out.append(Entry(where, problem=Problem(where, "an image entry needs 'id' and a string 'file_name'", None, "file_name")))
             continue
         rid = f"coco-{im['id']}"

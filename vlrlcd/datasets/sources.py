@@ -113,7 +113,7 @@ def read_json_doc(path: Path) -> Table:
 
 
 def read_text_rows(path: Path) -> Table:
-    rows = [Row(f"{path}:{lineno}", i, data={"prompt": text}) for i, (lineno, text) in enumerate(read_lines(path))]
+    rows = [Row(f"{path}:{lineno}", i, data={"prompt": text, "line": lineno}) for i, (lineno, text) in enumerate(read_lines(path))]
     return Table(str(path), "text", rows)
 
 
@@ -225,7 +225,11 @@ def source_kind(path: str) -> str:
             return "text"
         if suffix == ".jsonl":
             return "jsonl"
-        head = p.read_bytes()[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+        try:
+            with open(p, "rb") as f:
+                head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        except OSError as e:
+            raise VlrlcdError(f"{p}: cannot be read ({e.strerror or e})") from None
         return "json" if head.startswith((b"[", b"{")) else "text"   # json falls back to JSON lines
     if is_hub_id(path):
         return "hub"
@@ -233,6 +237,14 @@ def source_kind(path: str) -> str:
 
 
 def read_source(path: str, kind: str, split: str) -> Table:
+    """Read `path` as `kind` (see source_kind); an unreadable file is a VlrlcdError naming it."""
+    try:
+        return _read(path, kind, split)
+    except OSError as e:
+        raise VlrlcdError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _read(path: str, kind: str, split: str) -> Table:
     p = Path(path)
     if kind == "jsonl":
         return read_jsonl_rows(p)
