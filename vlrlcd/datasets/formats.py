@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,13 @@ def _extract(data: bytes, name: str | None, ctx: Context) -> str:
     suffix = Path(name).suffix.lower() if name and Path(name).suffix else _sniff_ext(data)
     path = ctx.extract_dir / f"{hashlib.sha1(data).hexdigest()[:20]}{suffix}"
     if not path.exists():
-        ctx.extract_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        try:
+            ctx.extract_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except OSError as e:
+            raise VlrlcdError(f"cannot write embedded images to {ctx.extract_dir}: {e.strerror or e}; check run_dir") from None
     return str(path)
 
 
