@@ -137,6 +137,29 @@ class StudentAdapter:
         logp = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         return TokenLogprobs(logp * mask, mask, ids)
 
+    def batch_token_logprobs(self, prefixes: list[Prefix], responses: list[list[int]]) -> TokenLogprobs:
+        """log π(y_t | x_i, y_<t) for (prefix_i, response_i) pairs of different prompts in one right-padded
+        forward (the SFT path; also the naive reference the shared-prefix path is tested against)."""
+        if len(prefixes) != len(responses):
+            raise ValueError("one response per prefix")
+        seqs = [torch.cat([p.input_ids[0].cpu(), torch.tensor(r, dtype=torch.long)]) for p, r in zip(prefixes, responses)]
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(len(seqs), L, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            attn[i, : len(s)] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
+        logits = self.model(input_ids=ids, attention_mask=attn, **kwargs).logits
+        resp_ids, mask = self._pad(responses)
+        T = resp_ids.shape[1]
+        starts = torch.tensor([p.input_ids.shape[1] - 1 for p in prefixes], device=logits.device)
+        pos = (starts[:, None] + torch.arange(T, device=logits.device)[None, :]).clamp(max=L - 1)
+        sel = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])).float()
+        logp = sel.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
+        return TokenLogprobs(logp * mask, mask, resp_ids)
+
     @torch.no_grad()
     def sample(self, prefix: Prefix, k: int, max_new_tokens: int, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> list[list[int]]:

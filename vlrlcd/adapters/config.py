@@ -14,6 +14,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] | None = None   # None: the family's default (the language model's linear layers)
     train_projector: bool = False             # also train the vision -> language projector
+    modules_to_save: list[str] | None = None  # extra modules trained in full and saved with the adapter (e.g. lm_head)
 
 
 @dataclass

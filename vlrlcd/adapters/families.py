@@ -28,9 +28,34 @@ class Family:
     build_prompt: Callable          # (adapter, prompt, image) -> (input_ids [1,P], model_kwargs, pixel_inputs)
     image_features: Callable        # (model, pixel_inputs) -> features
     feature_kwargs: Callable        # (features, pixel_inputs) -> model kwargs that replace the vision pass
+    merge_kwargs: Callable = None   # (list of prefix model_kwargs, padded length) -> kwargs for one batch
 
     def default_targets(self) -> str | list[str]:
         return _lm_only(_LM_LINEAR) if self.vision else list(_LM_LINEAR)
+
+
+def _merge_mm(kwargs_list: list[dict], length: int) -> dict:
+    """Batch several prefixes' image features (in batch order, as the model scatters them)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    feats = [k["mm_encoder_outputs"]["image"].pooler_output for k in kwargs_list if "mm_encoder_outputs" in k]
+    if not feats:
+        return {}
+    out: dict = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[f for fs in feats for f in fs])}}
+    grids = [k["image_grid_thw"] for k in kwargs_list if k.get("image_grid_thw") is not None]
+    if grids:
+        out["image_grid_thw"] = torch.cat(grids, 0)
+    sizes = [k["image_sizes"] for k in kwargs_list if k.get("image_sizes") is not None]
+    if sizes:
+        out["image_sizes"] = torch.cat(sizes, 0)
+    types = [k.get("mm_token_type_ids") for k in kwargs_list]
+    if any(t is not None for t in types):
+        rows = torch.zeros(len(kwargs_list), length, dtype=torch.long)
+        for i, t in enumerate(types):
+            if t is not None:
+                rows[i, : t.shape[1]] = t[0]
+        out["mm_token_type_ids"] = rows
+    return out
 
 
 # ------------------------------------------------------------------ text
@@ -115,17 +140,18 @@ def _qwen_kwargs(features, pixel_inputs) -> dict:
 
 
 FAMILIES: dict[str, Family] = {
-    "text": Family("text", False, "AutoModelForCausalLM", None, _text_prompt, _no_features, lambda f, p: {}),
+    "text": Family("text", False, "AutoModelForCausalLM", None, _text_prompt, _no_features, lambda f, p: {},
+                   lambda ks, n: {}),
     "llava": Family("llava", True, "AutoModelForImageTextToText", "multi_modal_projector",
-                    _vlm_prompt(("pixel_values",)), _llava_features, _mm_kwargs),
+                    _vlm_prompt(("pixel_values",)), _llava_features, _mm_kwargs, _merge_mm),
     "llava_next": Family("llava_next", True, "AutoModelForImageTextToText", "multi_modal_projector",
-                         _vlm_prompt(("pixel_values", "image_sizes")), _llava_features, _llava_next_kwargs),
+                         _vlm_prompt(("pixel_values", "image_sizes")), _llava_features, _llava_next_kwargs, _merge_mm),
     "qwen2_vl": Family("qwen2_vl", True, "AutoModelForImageTextToText", "merger",
                        _vlm_prompt(("pixel_values", "image_grid_thw"), ("mm_token_type_ids",)),
-                       _qwen_features, _qwen_kwargs),
+                       _qwen_features, _qwen_kwargs, _merge_mm),
     "qwen2_5_vl": Family("qwen2_5_vl", True, "AutoModelForImageTextToText", "merger",
                          _vlm_prompt(("pixel_values", "image_grid_thw"), ("mm_token_type_ids",)),
-                         _qwen_features, _qwen_kwargs),
+                         _qwen_features, _qwen_kwargs, _merge_mm),
 }
 
 _MODEL_TYPE_TO_FAMILY = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl",

@@ -57,11 +57,13 @@ def quantization_config(cfg: StudentConfig, family: Family):
 def lora_config(cfg: StudentConfig, family: Family):
     from peft import LoraConfig
 
-    extra = [family.projector] if (cfg.lora.train_projector and family.projector) else None
+    extra = list(cfg.lora.modules_to_save or [])
+    if cfg.lora.train_projector and family.projector:
+        extra.append(family.projector)
     return LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules or family.default_targets(),
-        modules_to_save=extra, task_type="CAUSAL_LM", bias="none",
+        modules_to_save=extra or None, task_type="CAUSAL_LM", bias="none",
     )
 
 

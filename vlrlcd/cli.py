@@ -1,0 +1,141 @@
+"""`vlrlcd` command line: parses, loads a config, calls one function per sub-command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from vlrlcd.errors import VlrlcdError
+
+
+def _config(args):
+    from vlrlcd.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_demo(args) -> int:
+    from vlrlcd.demo import run_demo
+
+    run_demo(args.out, args.seed, args.quick, args.overrides, progress=not args.no_progress)
+    return 0
+
+
+def cmd_anchors(args) -> int:
+    from vlrlcd.teacher.runner import run_anchors
+
+    run_anchors(_config(args))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, write_summary
+
+    cfg = _config(args)
+    prep = prepare(cfg, progress=not args.no_progress)
+    sft_adapter, sft_metrics = run_sft(prep, progress=not args.no_progress)
+    methods = {"sft": sft_metrics}
+    if cfg.train.objective != "sft":
+        _, methods[cfg.train.objective] = run_rl(prep, sft_adapter, progress=not args.no_progress)
+    summary = {"methods": methods, "teacher_calls": prep.teacher_calls, "train_prompts": len(prep.train),
+               "eval_prompts": len(prep.eval), "seconds": sum(m.get("seconds", 0) for m in methods.values())}
+    write_summary(cfg.run_dir, summary)
+    print(format_table(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from vlrlcd.adapters.loader import load_student
+    from vlrlcd.datasets.load import load_splits
+    from vlrlcd.evaluation.evaluate import evaluate
+
+    cfg = _config(args)
+    scfg = cfg.student
+    if scfg.name_or_path in ("tiny-llava", "tiny-text"):
+        from dataclasses import replace
+
+        base = Path(cfg.run_dir) / f"student_base-{scfg.name_or_path}"
+        scfg = replace(scfg, name_or_path=str(base))
+    student = load_student(scfg, adapter=args.adapter, trainable=False)
+    records = load_splits(cfg).eval
+    if not records:
+        raise VlrlcdError("the held-out split is empty: set data.eval_path or data.eval_size")
+    out = Path(args.out) if args.out else Path(args.adapter).parent
+    res = evaluate(student, records, cfg.eval.max_new_tokens, cfg.eval.metric, out, progress=not args.no_progress)
+    print(json.dumps(res.to_json()))
+    print(f"wrote {out / 'eval.json'} and {out / 'predictions.jsonl'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from vlrlcd.evaluation.report import write_report
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise VlrlcdError(f"{run} is not a run directory")
+    print(write_report(run))
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from vlrlcd.datasets.validate import check_data
+
+    summary = check_data(_config(args))
+    print(summary)
+    return 0 if getattr(summary, "ok", True) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlrlcd", description="RL capability distillation for small VLM / text students")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the end-to-end CPU demo on embedded defaults")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes)")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo recipe")
+    d.set_defaults(func=cmd_demo)
+
+    def with_config(sp):
+        sp.add_argument("config", help="a YAML recipe (see configs/)")
+        sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        sp.add_argument("--no-progress", action="store_true")
+        return sp
+
+    with_config(sub.add_parser("anchors", help="ask the teacher once per prompt and store the answers")).set_defaults(func=cmd_anchors)
+    t = with_config(sub.add_parser("train", help="SFT then the configured RL objective"))
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.set_defaults(func=cmd_train)
+    e = with_config(sub.add_parser("eval", help="evaluate an adapter on the held-out split"))
+    e.add_argument("--adapter", required=True, help="a saved adapter directory")
+    e.add_argument("--out", default=None, help="where eval.json goes (default: beside the adapter)")
+    e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("report", help="write RUN_DIR/report.html")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
+    data = sub.add_parser("data", help="data tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    with_config(dsub.add_parser("check", help="validate every record and print a summary")).set_defaults(func=cmd_data_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlrlcdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
