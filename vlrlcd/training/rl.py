@@ -10,64 +10,21 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vlrlcd.adapters.base import Prefix, StudentAdapter
+from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranking.config import RankingConfig
-from vlrlcd.ranking.core import entropy, margins, target_distribution
-from vlrlcd.ranking.scorers import Scores, get_scorer
+from vlrlcd.ranking.core import entropy
 from vlrlcd.training.common import clipped_step, make_optimizer, seed_everything
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.metrics_log import MetricsLog
-from vlrlcd.training.steps import GROUP_LOSSES
-
-
-@dataclass
-class Group:
-    """One prompt's rollout: K candidates, their scores, margins r_k and target D_x."""
-
-    record: Record
-    anchor: str
-    prefix: Prefix
-    candidates: list[list[int]]
-    texts: list[str]
-    scores: Scores
-    margins: torch.Tensor   # [K]
-    target: torch.Tensor    # [K]
-
-    def to_json(self, step: int) -> dict:
-        return {"step": step, "id": self.record.id, "prompt": self.record.prompt, "image": self.record.image,
-                "anchor": self.anchor, "candidates": self.texts,
-                "margins": [round(float(x), 5) for x in self.margins],
-                "target": [round(float(x), 5) for x in self.target]}
-
-
-def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """A sampling RNG fixed by (seed, step, prompt index): resumable and independent of batching."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + index) % (2**63))
-
-
-def rollout(student: StudentAdapter, record: Record, anchor: str, cfg: TrainConfig, rcfg: RankingConfig,
-            max_new_tokens: int, generator: torch.Generator) -> Group:
-    """Sample K candidates for one prompt and rank them against its anchor (no gradient)."""
-    prefix = student.prefix(record.prompt, record.image)
-    with torch.no_grad():
-        candidates = student.sample(prefix, cfg.k, max_new_tokens, cfg.temperature, generator)
-        scorer = get_scorer(rcfg.scorer)
-        if rcfg.score_with == "sft":
-            with student.reference():
-                scores = scorer(student, record.prompt, record.image, anchor, candidates, prefix.image_features)
-        else:
-            scores = scorer(student, record.prompt, record.image, anchor, candidates, prefix.image_features)
-        r = margins(scores.candidates[None], scores.anchor[None])[0]
-        target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
-    return Group(record, anchor, prefix, candidates, [student.decode(c) for c in candidates], scores, r, target)
+from vlrlcd.training.rollout import rollout, sample_generator
+from vlrlcd.training.steps import GROUP_LOSSES, StepContext
 
 
 def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, str], cfg: TrainConfig,
@@ -97,10 +54,12 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
     log = MetricsLog(out / "metrics.jsonl")
     rollouts_path = out / "rollouts.jsonl"
     rollouts_path.unlink(missing_ok=True)
+    ctx = StepContext(step=0, total_steps=cfg.rl_steps, ranking=rcfg)
     rows, t0, bad = [], time.time(), 0
     bar = tqdm(range(cfg.rl_steps), desc=cfg.objective, disable=not progress, leave=False)
     for step in bar:
         ts = time.time()
+        ctx.step = step
         batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         sums: dict[str, float] = {}
         finite, tokens, groups = True, 0.0, []
@@ -108,7 +67,7 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
             student.model.eval()
             g = rollout(student, rec, anchors[rec.id], cfg, rcfg, max_new_tokens, sample_generator(seed, step, i))
             student.model.train()
-            loss, m = group_loss(student, g, cfg)
+            loss, m = group_loss(student, g, cfg, ctx)
             if not torch.isfinite(loss):
                 finite = False
                 continue
