@@ -1,0 +1,63 @@
+"""Config: YAML into dataclasses, dotted overrides, errors that name the key."""
+
+import pytest
+
+from vlrlcd.config import Config, apply_overrides, from_dict, load_config
+from vlrlcd.errors import VlrlcdError
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.001\n  k: 4\nstudent:\n  lora: {r: 8}\n")
+    cfg = load_config(p, ["train.k=6", "ranking.tau=0.25", "student.lora.alpha=16", "data.task=arithmetic"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == 0.001 and cfg.train.k == 6
+    assert cfg.ranking.tau == 0.25 and cfg.student.lora.r == 8 and cfg.student.lora.alpha == 16
+    assert cfg.data.task == "arithmetic"
+
+
+def test_int_accepts_integral_float_and_float_accepts_int():
+    cfg = from_dict(Config, {"train": {"k": 4.0, "lr": 1}})
+    assert cfg.train.k == 4 and isinstance(cfg.train.k, int)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(VlrlcdError, match=r"unknown config key 'train.lrr'.*did you mean 'train.lr'"):
+        load_config(None, ["train.lrr=0.1"])
+    with pytest.raises(VlrlcdError, match=r"'trian'.*did you mean 'train'"):
+        from_dict(Config, {"trian": {}})
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("ranking:\n  temperture: 1.0\n")
+    with pytest.raises(VlrlcdError, match="ranking.temperture"):
+        load_config(p)
+
+
+def test_non_numeric_override():
+    with pytest.raises(VlrlcdError, match=r"'train.lr' expects a number, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(VlrlcdError, match=r"'train.k' expects an integer"):
+        load_config(None, ["train.k=2.5"])
+
+
+def test_bad_values_and_forms():
+    with pytest.raises(VlrlcdError, match="not of the form"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(VlrlcdError, match="train.objective"):
+        load_config(None, ["train.objective=magic"])
+    with pytest.raises(VlrlcdError, match="ranking.tau"):
+        load_config(None, ["ranking.tau=0"])
+    with pytest.raises(VlrlcdError, match="is not a section"):
+        load_config(None, ["seed.x=1"])
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(VlrlcdError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(VlrlcdError, match="not valid YAML"):
+        load_config(bad)
