@@ -8,6 +8,7 @@ from vlrlcd.errors import VlrlcdError
 
 OBJECTIVES = ("sft", "sft2", "ldl_grpo", "single_pair_dpo", "anchor_rank_dpo", "anchor_grpo",
               "self_ppo", "judge_grpo", "tvkd_dpo", "rlsd")
+GRPO_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")   # objectives.common.LOSS_TYPES
 
 
 @dataclass
@@ -31,6 +32,30 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
     log_every: int = 1
+    # infrastructure (vlrlcd/training/distributed.py, checkpoint.py)
+    grad_accum: int = 1                # micro-batches per SFT step on each process (an RL group is always its own)
+    mixed_precision: str = "no"        # no | bf16 | fp16: autocast (fp16 adds a dynamic loss scaler)
+    gradient_checkpointing: bool = False  # recompute activations in backward (SFT; the RL prefix cache forbids it)
+    tensorboard: bool = True           # RUN/<stage>/tb event files when tensorboard is installed
+    # GRPO family (anchor_grpo, judge_grpo, rlsd)
+    grpo_loss_type: str = "dapo"       # dapo | bnpo | grpo | dr_grpo: token aggregation (as TRL names it)
+    eps_low: float = 0.2               # clip(ρ, 1 − eps_low, 1 + eps_high)
+    eps_high: float = 0.2
+    scale_rewards: bool = True         # divide group advantages by the group's std (False: Dr. GRPO)
+    # self_ppo
+    ppo_eps: float = 0.2
+    ppo_baseline_momentum: float = 0.9  # running-mean reward baseline b ← m·b + (1 − m)·R
+    # rlsd (arXiv 2604.03128)
+    rlsd_lambda0: float = 1.0          # weight of the self-distillation magnitude at step 0
+    rlsd_decay_steps: int | None = None  # λ decays linearly to 0 over this many steps; null: over rl_steps; 0: constant
+    rlsd_eps_w: float = 0.2            # w_t clipped to [1 − eps_w, 1 + eps_w]
+    # tvkd_dpo (arXiv 2509.16965)
+    tvkd_teacher: str | None = None    # a local HF model directory sharing the student's tokenizer
+    tvkd_teacher_quantization: str = "none"  # none | 8bit | 4bit
+    tvkd_alpha: float = 1.0            # V_T(s) = α·β_T·logsumexp(log π_T(·|s) / β_T)
+    tvkd_beta_t: float = 0.5           # β_T = 1 makes V_T = 0 exactly (no shaping)
+    tvkd_gamma_s: float = 0.9          # R(y) = β·[log-ratio] − (1 − γ_s)·Σ_t V_T(s_{t+1})
+    tvkd_topk: int = 50                # teacher log-probs kept per position (plus one bucket for the rest)
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -39,3 +64,42 @@ class TrainConfig:
             raise VlrlcdError(f"train.k must be >= 2 (a group to rank), got {self.k}")
         if self.temperature <= 0:
             raise VlrlcdError(f"train.temperature must be > 0, got {self.temperature}")
+        if self.grad_accum < 1:
+            raise VlrlcdError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise VlrlcdError(f"train.mixed_precision must be no, bf16 or fp16, got '{self.mixed_precision}'")
+        if self.save_every < 0 or self.max_bad_steps < 1:
+            raise VlrlcdError("train.save_every must be >= 0 (0: only at the end) and train.max_bad_steps >= 1, got "
+                              f"{self.save_every} and {self.max_bad_steps}")
+        if self.grpo_loss_type not in GRPO_LOSS_TYPES:
+            raise VlrlcdError(f"train.grpo_loss_type '{self.grpo_loss_type}' is not one of {', '.join(GRPO_LOSS_TYPES)}")
+        for name in ("eps_low", "eps_high", "ppo_eps"):
+            if not 0 <= getattr(self, name) < 1:
+                raise VlrlcdError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.rlsd_eps_w < 1:
+            raise VlrlcdError(f"train.rlsd_eps_w must lie in [0, 1), got {self.rlsd_eps_w}")
+        if not 0 <= self.ppo_baseline_momentum < 1:
+            raise VlrlcdError(f"train.ppo_baseline_momentum must lie in [0, 1), got {self.ppo_baseline_momentum}")
+        if not 0 <= self.rlsd_lambda0 <= 1:
+            raise VlrlcdError(f"train.rlsd_lambda0 must lie in [0, 1], got {self.rlsd_lambda0}")
+        if self.rlsd_decay_steps is not None and self.rlsd_decay_steps < 0:
+            raise VlrlcdError(f"train.rlsd_decay_steps must be >= 0 (or null: over train.rl_steps), got {self.rlsd_decay_steps}")
+        if self.tvkd_beta_t <= 0:
+            raise VlrlcdError(f"train.tvkd_beta_t must be > 0, got {self.tvkd_beta_t}")
+        if not 0 <= self.tvkd_gamma_s <= 1:
+            raise VlrlcdError(f"train.tvkd_gamma_s must lie in [0, 1], got {self.tvkd_gamma_s}")
+        if self.tvkd_topk < 1:
+            raise VlrlcdError(f"train.tvkd_topk must be >= 1, got {self.tvkd_topk}")
+        if self.tvkd_teacher_quantization not in ("none", "8bit", "4bit"):
+            raise VlrlcdError(f"train.tvkd_teacher_quantization must be none, 8bit or 4bit, got '{self.tvkd_teacher_quantization}'")
+        if self.objective == "tvkd_dpo":
+            self.require_tvkd_teacher()
+
+    def require_tvkd_teacher(self) -> str:
+        """The tvkd teacher path, or a VlrlcdError saying what to set."""
+        if not self.tvkd_teacher:
+            raise VlrlcdError(
+                "train.objective=tvkd_dpo needs a local white-box teacher: set train.tvkd_teacher to a Hugging "
+                "Face model directory that shares the student's tokenizer (e.g. a larger model of the same family)"
+            )
+        return self.tvkd_teacher

@@ -1,7 +1,13 @@
-"""Rollout: for one prompt, sample K candidates and rank them against the stored anchor (no gradient).
+"""Rollout: for one prompt, sample the candidates the objective needs and rank them against the stored
+anchor (no gradient).
 
 The image goes through the vision tower once; the features are shared by the sampling prefix, the
 scoring prefix and the later policy / reference log-prob passes (through `Group.prefix`).
+
+What is sampled and scored depends on the objective (`rollout_plan`): K candidates ranked against the
+anchor for the ranking objectives; one sample and no ranking for single_pair_dpo; one sample scored
+without the anchor for self_ppo; none for sft2; no self-scoring where the reward comes from elsewhere
+(judge_grpo: the teacher; rlsd on records with a verifiable reference).
 """
 
 from __future__ import annotations
@@ -17,19 +23,63 @@ from vlrlcd.ranking.core import margins, target_distribution
 from vlrlcd.ranking.scorers import Scores, get_scorer
 from vlrlcd.training.config import TrainConfig
 
+@dataclass(frozen=True)
+class RolloutPlan:
+    """k: samples per prompt; score: "anchor" (rank against the anchor), "plain" (score without it) or
+    "none"; score_with: the adapter the scorer runs under (policy | sft)."""
+
+    k: int
+    score: str
+    score_with: str
+
+
+def has_verifier(record: Record) -> bool:
+    """Whether `score_record` can check an answer to this record (reference, choices or caption objects)."""
+    from vlrlcd.errors import VlrlcdError
+    from vlrlcd.evaluation.metrics import resolve_metric
+
+    try:
+        resolve_metric(record)
+    except VlrlcdError:
+        return False
+    return True
+
+
+def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record) -> RolloutPlan:
+    """What `rollout` samples and scores for `cfg.objective` on this record."""
+    obj = cfg.objective
+    if obj == "sft2":
+        return RolloutPlan(0, "none", rcfg.score_with)
+    if obj == "single_pair_dpo":
+        return RolloutPlan(1, "none", rcfg.score_with)
+    if obj == "self_ppo":
+        return RolloutPlan(1, "plain", rcfg.score_with)
+    if obj == "judge_grpo":
+        return RolloutPlan(cfg.k, "none", rcfg.score_with)
+    if obj == "rlsd":
+        return RolloutPlan(cfg.k, "none" if has_verifier(record) else "anchor", rcfg.score_with)
+    if obj == "anchor_grpo":  # the reward is the frozen SFT model's judgement, whatever score_with says
+        return RolloutPlan(cfg.k, "anchor", "sft")
+    return RolloutPlan(cfg.k, "anchor", rcfg.score_with)
+
 
 @dataclass
 class Group:
-    """One prompt's rollout: K candidates, their scores, margins r_k and target D_x."""
+    """One prompt's rollout: its candidates and, when ranked, their scores, margins r_k and target D_x
+    (empty tensors when the objective does not rank)."""
 
     record: Record
     anchor: str
     prefix: Prefix
     candidates: list[list[int]]
     texts: list[str]
-    scores: Scores
-    margins: torch.Tensor   # [K]
-    target: torch.Tensor    # [K]
+    scores: Scores | None
+    margins: torch.Tensor   # [K] (or [0] when not ranked)
+    target: torch.Tensor    # [K] (or [0])
+
+    @property
+    def ranked(self) -> bool:
+        return self.scores is not None and self.margins.numel() == len(self.candidates) > 0
 
     def to_json(self, step: int) -> dict:
         return {"step": step, "id": self.record.id, "prompt": self.record.prompt, "image": self.record.image,
@@ -45,18 +95,21 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 def rollout(student: StudentAdapter, record: Record, anchor: str, cfg: TrainConfig, rcfg: RankingConfig,
             max_new_tokens: int, generator: torch.Generator) -> Group:
-    """Sample K candidates for one prompt and rank them against its anchor (no gradient)."""
+    """Sample the objective's candidates for one prompt and rank them against its anchor (no gradient)."""
+    plan = rollout_plan(cfg, rcfg, record)
     prefix = student.prefix(record.prompt, record.image)
     with torch.no_grad():
-        candidates = student.sample(prefix, cfg.k, max_new_tokens, cfg.temperature, generator)
-        scorer = get_scorer(rcfg.scorer)
-        if rcfg.score_with == "sft":
-            with student.reference():
-                scores = scorer(student, record.prompt, record.image, anchor, candidates, prefix.image_features)
-        else:
-            scores = scorer(student, record.prompt, record.image, anchor, candidates, prefix.image_features)
-        r = margins(scores.candidates[None], scores.anchor[None])[0]
-        target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
+        candidates = student.sample(prefix, plan.k, max_new_tokens, cfg.temperature, generator) if plan.k else []
+        scores = None
+        r = target = torch.zeros(0)
+        if plan.score != "none":
+            scorer = get_scorer(rcfg.scorer, rcfg)
+            ref_anchor = anchor if plan.score == "anchor" else None
+            if plan.score_with == "sft":
+                with student.reference():
+                    scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
+            else:
+                scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
+            r = margins(scores.candidates[None], scores.anchor.reshape(1))[0]
+            target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
     return Group(record, anchor, prefix, candidates, [student.decode(c) for c in candidates], scores, r, target)
-
-

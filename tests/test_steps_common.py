@@ -1,0 +1,85 @@
+"""Shared builders for the objective / scorer tests (no tests here): tiny random students built from
+configs, SFT adapters with seeded non-zero LoRA weights, a few hand-made records, a small training loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vlrlcd.adapters.config import StudentConfig, TinyConfig
+from vlrlcd.adapters.loader import load_student
+from vlrlcd.adapters.tiny import build_tiny_llava, build_tiny_text
+from vlrlcd.datasets.records import Record
+from vlrlcd.ranking.config import RankingConfig
+from vlrlcd.training.config import TrainConfig
+from vlrlcd.training.rollout import rollout, sample_generator
+from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+
+TINY = TinyConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
+                  vision_hidden_size=32, vision_layers=1)
+CORPUS = ["What is 3 + 4?", "7", "Name a colour.", "red", "What color is the shape?", "blue", "green",
+          "Verdict: yes no"]
+MAX_NEW = 4
+
+
+def build(family: str, out: Path, seed: int = 0, corpus: list[str] | None = None) -> Path:
+    builder = build_tiny_text if family == "text" else build_tiny_llava
+    return builder(out, corpus or CORPUS, TINY, seed=seed)
+
+
+def sft_adapter(base: Path, out: Path, seed: int = 0, scale: float = 0.05) -> Path:
+    """A saved LoRA adapter with seeded non-zero B (so the SFT policy is not the bare base)."""
+    student = load_student(StudentConfig(name_or_path=str(base)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return student.save(out)
+
+
+def records(family: str, image_dir: Path) -> tuple[list[Record], dict[str, str]]:
+    """Two prompts: one with a verifiable reference, one without (rlsd then uses the ranking)."""
+    if family == "text":
+        recs = [Record(id="t0", prompt="What is 3 + 4?", reference="7"), Record(id="t1", prompt="Name a colour.")]
+        return recs, {"t0": "7", "t1": "red"}
+    image_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, colour in enumerate(("red", "blue")):
+        p = image_dir / f"{colour}.png"
+        Image.new("RGB", (32, 32), colour).save(p)
+        paths.append(str(p))
+    recs = [Record(id="v0", prompt="What color is the shape?", image=paths[0], reference="red"),
+            Record(id="v1", prompt="What color is the shape?", image=paths[1])]
+    return recs, {"v0": "red", "v1": "blue"}
+
+
+def policy_and_reference(student) -> tuple[dict, dict]:
+    pol = {n: p.detach().clone() for n, p in student.model.named_parameters() if p.requires_grad}
+    ref = {n: p.detach().clone() for n, p in student.model.named_parameters() if ".sft." in n}
+    return pol, ref
+
+
+def train_steps(student, recs, anchors, tcfg: TrainConfig, rcfg: RankingConfig, ctx: StepContext,
+                steps: int = 2, lr: float = 1e-2) -> list[dict]:
+    """The RL loop's shape (rollout -> group loss -> backward -> step) without its logging; AdamW
+    without weight decay, so a parameter moves only when some gradient reached it."""
+    params = student.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ctx.total_steps = steps
+    out = []
+    for step in range(steps):
+        ctx.step = step
+        for i, rec in enumerate(recs):
+            student.model.eval()
+            g = rollout(student, rec, anchors[rec.id], tcfg, rcfg, MAX_NEW, sample_generator(0, step, i))
+            student.model.train()
+            loss, m = GROUP_LOSSES[tcfg.objective](student, g, tcfg, ctx)
+            (loss / len(recs)).backward()
+            out.append({"loss": float(loss.detach()), **m, "group": g})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    student.model.eval()
+    return out
