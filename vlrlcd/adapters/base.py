@@ -29,8 +29,10 @@ class Prefix:
     """One prompt, tokenized with the checkpoint's chat template, ready to be run once."""
 
     input_ids: torch.Tensor                     # [1, P]
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # image features, grids, token types
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # image features, grids, token types, positions
     image_features: Any = None                  # reusable by another prefix over the same image
+    next_position: int | None = None            # explicit (mrope) position of the first continuation token;
+                                                # None: the model counts on from the cache length
 
 
 @dataclass
@@ -45,6 +47,12 @@ class TokenLogprobs:
         """s(y) = Σ_t logp_t (or its mean over real tokens when `length_normalize`)."""
         total = (self.logp * self.mask).sum(-1)
         return total / self.mask.sum(-1).clamp(min=1) if length_normalize else total
+
+
+def _logprobs_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the full log-softmax (fp32)."""
+    logits = logits.float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 class StudentAdapter:
@@ -92,16 +100,27 @@ class StudentAdapter:
             raise VlrlcdError("empty prompt: every record needs a non-empty prompt")
         img = self.load_image(image)
         input_ids, model_kwargs, pixel_inputs = self.family.build_prompt(self, prompt, img)
+        device = self.device
+        input_ids = input_ids.to(device)
+        model_kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
         if img is not None:
+            pixel_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pixel_inputs.items()}
             if features is None:
                 features = self.image_features(pixel_inputs)
-            model_kwargs = {**model_kwargs, **self.family.feature_kwargs(features, pixel_inputs)}
-        return Prefix(input_ids.to(self.device), model_kwargs, features)
+            model_kwargs.update(self.family.feature_kwargs(features, pixel_inputs))
+        next_position = None
+        if self.family.positions is not None:
+            model_kwargs["position_ids"], next_position = self.family.positions(self.model, input_ids, model_kwargs)
+        return Prefix(input_ids, model_kwargs, features, next_position)
 
     def image_features(self, pixel_inputs: dict[str, torch.Tensor]) -> Any:
-        """The one vision-tower pass for an image (gradient only if the projector is trained)."""
+        """The one vision-tower pass for an image (gradient only if the projector is trained); only the
+        projected features are kept (not the tower's hidden states)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         self.vision_calls += 1
-        return self.family.image_features(self.model, pixel_inputs)
+        out = self.family.image_features(self.model, pixel_inputs)
+        return BaseModelOutputWithPooling(pooler_output=out.pooler_output)
 
     def encode_response(self, text: str, add_eos: bool = True) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -116,6 +135,14 @@ class StudentAdapter:
         out = self.model(input_ids=prefix.input_ids, use_cache=True, logits_to_keep=1, **prefix.model_kwargs)
         return out.past_key_values, out.logits[:, -1, :]
 
+    def _positions(self, prefix: Prefix, k: int, start: int, length: int) -> dict:
+        """`position_ids` for `length` continuation tokens from offset `start` after the prefix, for
+        families with explicit (3-D mrope) positions; {} for the rest."""
+        if prefix.next_position is None:
+            return {}
+        pos = torch.arange(length, device=prefix.input_ids.device) + (prefix.next_position + start)
+        return {"position_ids": pos.view(1, 1, length).expand(3, k, length)}
+
     def _pad(self, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         if not responses or any(len(r) == 0 for r in responses):
             raise ValueError("every response needs at least one token")
@@ -128,13 +155,20 @@ class StudentAdapter:
         return ids.to(self.device), mask.to(self.device)
 
     def token_logprobs(self, prefix: Prefix, responses: list[list[int]]) -> TokenLogprobs:
-        """log π(y_t | x, y_<t) for K responses, sharing one prefix pass (grad if grad is enabled)."""
+        """log π(y_t | x, y_<t) for K responses, sharing one prefix pass (grad if grad is enabled).
+
+        The prefix runs once (batch 1); y_1 is scored from its last logits, y_2..y_T from one batch-K pass of
+        y_1..y_{T-1} on the K-fold expanded prefix cache (the last response token is never fed)."""
         ids, mask = self._pad(responses)
-        K = ids.shape[0]
+        K, T = ids.shape
         cache, last = self._prefix_forward(prefix)
-        out = self.model(input_ids=ids, past_key_values=expand_cache(cache, K), use_cache=True)
-        logits = torch.cat([last.unsqueeze(1).expand(K, 1, -1), out.logits[:, :-1, :]], dim=1).float()
-        logp = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        first = _logprobs_of(last.expand(K, -1), ids[:, 0])[:, None]
+        if T == 1:
+            logp = first
+        else:
+            out = self.model(input_ids=ids[:, :-1], past_key_values=expand_cache(cache, K), use_cache=True,
+                             **self._positions(prefix, K, 0, T - 1))
+            logp = torch.cat([first, _logprobs_of(out.logits, ids[:, 1:])], dim=1)
         return TokenLogprobs(logp * mask, mask, ids)
 
     def batch_token_logprobs(self, prefixes: list[Prefix], responses: list[list[int]]) -> TokenLogprobs:
@@ -151,14 +185,13 @@ class StudentAdapter:
             attn[i, : len(s)] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
-        logits = self.model(input_ids=ids, attention_mask=attn, **kwargs).logits
         resp_ids, mask = self._pad(responses)
         T = resp_ids.shape[1]
-        starts = torch.tensor([p.input_ids.shape[1] - 1 for p in prefixes], device=logits.device)
-        pos = (starts[:, None] + torch.arange(T, device=logits.device)[None, :]).clamp(max=L - 1)
-        sel = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])).float()
-        logp = sel.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
-        return TokenLogprobs(logp * mask, mask, resp_ids)
+        starts = torch.tensor([p.input_ids.shape[1] - 1 for p in prefixes], device=ids.device)
+        pos = (starts[:, None] + torch.arange(T, device=ids.device)[None, :]).clamp(max=L - 1)
+        # logits only where a response token is predicted ([B, T] positions), never over the prompt
+        logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=pos, **kwargs).logits
+        return TokenLogprobs(_logprobs_of(logits, resp_ids) * mask, mask, resp_ids)
 
     @torch.no_grad()
     def sample(self, prefix: Prefix, k: int, max_new_tokens: int, temperature: float = 1.0,
@@ -181,7 +214,8 @@ class StudentAdapter:
             done = done | torch.isin(nxt, eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            out = self.model(input_ids=nxt.unsqueeze(1), past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=nxt.unsqueeze(1), past_key_values=cache, use_cache=True,
+                             **self._positions(prefix, k, t, 1))
             cache, logits = out.past_key_values, out.logits[:, -1, :]
         seqs = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(k)]
         result = []
@@ -213,12 +247,16 @@ class StudentAdapter:
         """Run as the reference policy: the frozen SFT adapter on the same base weights (or the bare
         base when there was no SFT stage). Never a second copy of the model."""
         if self.has_reference_adapter:
-            self.model.set_adapter(REFERENCE_ADAPTER)
+            # peft's set_adapter flips requires_grad (active adapter on, others off): switch in inference
+            # mode and put every flag back as it was, so the SFT weights never require grad.
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self.model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
             try:
                 yield
             finally:
-                self.model.set_adapter(POLICY_ADAPTER)
-                self._freeze_reference()
+                self.model.set_adapter(POLICY_ADAPTER, inference_mode=True)
+                for p in trainable:
+                    p.requires_grad_(True)
         else:
             with self.model.disable_adapter():
                 yield

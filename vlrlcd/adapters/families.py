@@ -1,22 +1,26 @@
-"""What differs between model families: the auto class, prompt building, the vision pass, LoRA targets.
+"""What differs between model families: the auto class, prompt building, the vision pass, positions,
+LoRA targets. Detected from the checkpoint's `config.model_type`.
 
-Detected from the checkpoint's `config.model_type`."""
+Supported: LLaVA-1.5 (`llava`), LLaVA-NeXT (`llava_next`), Qwen2-VL (`qwen2_vl`), Qwen2.5-VL
+(`qwen2_5_vl`) and text-only causal LMs (Llama, Qwen2, any `AutoModelForCausalLM`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from vlrlcd.errors import VlrlcdError
 
 _LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_VISION_MODULES = ("vision_tower", "visual", "vision_model")
 
 
 def _lm_only(names: list[str]) -> str:
     """A peft target regex that hits the language model's linear layers, never the vision tower."""
-    return r"^(?!.*(vision_tower|visual|vision_model)).*\.(" + "|".join(names) + r")$"
+    return r"^(?!.*(" + "|".join(_VISION_MODULES) + r")).*\.(" + "|".join(names) + r")$"
 
 
 @dataclass(frozen=True)
@@ -25,10 +29,12 @@ class Family:
     vision: bool
     auto_class: str                 # transformers auto class used to load
     projector: str | None           # module name of the vision -> language projector
+    vision_module: str | None       # module name of the vision tower (what a test hooks to count passes)
     build_prompt: Callable          # (adapter, prompt, image) -> (input_ids [1,P], model_kwargs, pixel_inputs)
     image_features: Callable        # (model, pixel_inputs) -> features
     feature_kwargs: Callable        # (features, pixel_inputs) -> model kwargs that replace the vision pass
-    merge_kwargs: Callable = None   # (list of prefix model_kwargs, padded length) -> kwargs for one batch
+    merge_kwargs: Callable          # (list of prefix model_kwargs, padded length) -> kwargs for one batch
+    positions: Callable | None = None  # (model, input_ids, model_kwargs) -> (position_ids, next position) or None
 
     def default_targets(self) -> str | list[str]:
         return _lm_only(_LM_LINEAR) if self.vision else list(_LM_LINEAR)
@@ -39,9 +45,9 @@ def _merge_mm(kwargs_list: list[dict], length: int) -> dict:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     feats = [k["mm_encoder_outputs"]["image"].pooler_output for k in kwargs_list if "mm_encoder_outputs" in k]
-    if not feats:
-        return {}
-    out: dict = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[f for fs in feats for f in fs])}}
+    out: dict = {}
+    if feats:
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[f for fs in feats for f in fs])}
     grids = [k["image_grid_thw"] for k in kwargs_list if k.get("image_grid_thw") is not None]
     if grids:
         out["image_grid_thw"] = torch.cat(grids, 0)
@@ -49,13 +55,18 @@ def _merge_mm(kwargs_list: list[dict], length: int) -> dict:
     if sizes:
         out["image_sizes"] = torch.cat(sizes, 0)
     types = [k.get("mm_token_type_ids") for k in kwargs_list]
-    if any(t is not None for t in types):
-        rows = torch.zeros(len(kwargs_list), length, dtype=torch.long)
+    present = [t for t in types if t is not None]
+    if present:
+        rows = torch.zeros(len(kwargs_list), length, dtype=torch.long, device=present[0].device)
         for i, t in enumerate(types):
             if t is not None:
                 rows[i, : t.shape[1]] = t[0]
         out["mm_token_type_ids"] = rows
     return out
+
+
+def _no_merge(kwargs_list: list[dict], length: int) -> dict:
+    return {}
 
 
 # ------------------------------------------------------------------ text
@@ -72,19 +83,19 @@ def _text_prompt(adapter, prompt: str, image):
     return torch.tensor([list(ids)], dtype=torch.long), {}, {}
 
 
-def _no_features(model, pixel_inputs):  # pragma: no cover - text models never see an image
+def _no_features(model, pixel_inputs):  # pragma: no cover - prefix() refuses images for text students
     raise VlrlcdError("a text-only student cannot encode images")
 
 
-# ------------------------------------------------------------------ LLaVA-style (one image, placeholder tokens)
+# ------------------------------------------------------------------ vision-language (placeholder tokens)
 def _vlm_messages(prompt: str, image) -> list[dict]:
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     return [{"role": "user", "content": content}]
 
 
-def _image_token_id(adapter) -> int | None:
+def _config_id(adapter, *keys: str) -> int | None:
     cfg = adapter.model.config
-    for key in ("image_token_id", "image_token_index"):
+    for key in keys:
         v = getattr(cfg, key, None)
         if v is not None:
             return int(v)
@@ -97,19 +108,25 @@ def _vlm_prompt(pixel_keys: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
         if proc is None or getattr(proc, "image_processor", None) is None:
             raise VlrlcdError(
                 f"{adapter.name_or_path}: no image processor found; a vision-language checkpoint directory "
-                "needs its processor files (preprocessor_config.json, tokenizer files): save them with "
-                "processor.save_pretrained(DIR)"
+                "needs its processor files (preprocessor_config.json / processor_config.json, tokenizer files): "
+                "save them with processor.save_pretrained(DIR)"
             )
         if getattr(proc, "chat_template", None) is None and getattr(adapter.tokenizer, "chat_template", None) is None:
             raise VlrlcdError(f"{adapter.name_or_path}: the processor has no chat template; add one to its files")
         text = proc.apply_chat_template(_vlm_messages(prompt, image), add_generation_prompt=True, tokenize=False)
-        enc = proc(images=[image] if image is not None else None, text=[text], return_tensors="pt")
+        try:
+            enc = proc(images=[image] if image is not None else None, text=[text], return_tensors="pt")
+        except ValueError as e:
+            raise VlrlcdError(
+                f"{adapter.name_or_path}: the processor rejected the prompt ({str(e).splitlines()[0][:200]}); "
+                "check that its chat template emits the image placeholder for {'type': 'image'} content"
+            ) from None
         input_ids = enc["input_ids"]
-        img_tok = _image_token_id(adapter)
+        img_tok = _config_id(adapter, "image_token_id", "image_token_index")
         if image is not None and img_tok is not None and not bool((input_ids == img_tok).any()):
             raise VlrlcdError(
-                f"{adapter.name_or_path}: the prompt has no image placeholder after the chat template; the "
-                "template must emit the image token for {'type': 'image'} content"
+                f"{adapter.name_or_path}: the prompt has no image placeholder (token id {img_tok}) after the "
+                "chat template; the template must emit the image token for {'type': 'image'} content"
             )
         kwargs = {k: enc[k] for k in extra_keys if k in enc}
         pixels = {k: enc[k] for k in pixel_keys if k in enc} if image is not None else {}
@@ -118,11 +135,23 @@ def _vlm_prompt(pixel_keys: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
     return build
 
 
-def _llava_features(model, pixel_inputs):
-    return model.get_image_features(**pixel_inputs, return_dict=True)
+def _qwen_prompt(adapter, prompt: str, image):
+    """Like the other VLMs, plus `mm_token_type_ids` (1 on image tokens): Qwen2-VL's 3-D positions need it
+    and Qwen2.5-VL computes silently wrong positions without it. Derived from the image token when an
+    older processor does not return it."""
+    input_ids, kwargs, pixels = _vlm_prompt(("pixel_values", "image_grid_thw"), ("mm_token_type_ids",))(
+        adapter, prompt, image)
+    if "mm_token_type_ids" not in kwargs:
+        types = torch.zeros_like(input_ids)
+        for value, key in ((1, "image_token_id"), (2, "video_token_id")):
+            tok = _config_id(adapter, key)
+            if tok is not None:
+                types[input_ids == tok] = value
+        kwargs["mm_token_type_ids"] = types
+    return input_ids, kwargs, pixels
 
 
-def _qwen_features(model, pixel_inputs):
+def _image_features(model, pixel_inputs):
     return model.get_image_features(**pixel_inputs, return_dict=True)
 
 
@@ -139,24 +168,46 @@ def _qwen_kwargs(features, pixel_inputs) -> dict:
     return {"mm_encoder_outputs": {"image": features}, "image_grid_thw": pixel_inputs["image_grid_thw"]}
 
 
+def _inner_qwen(model):
+    """The Qwen2(.5)-VL `...Model` (holding get_rope_index) under peft / ForConditionalGeneration wrappers."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return m.model if hasattr(m.model, "get_rope_index") else m
+
+
+def _qwen_positions(model, input_ids: torch.Tensor, model_kwargs: dict) -> tuple[torch.Tensor, int]:
+    """The prefix's 3-D (temporal, height, width) rope positions [3, 1, P] and the position of the next
+    token, computed once here so the continuations on the shared cache never depend on the model's
+    cached `rope_deltas` (which belong to whatever prompt it saw last, at its batch size).
+
+    Text after the image continues from max(position) + 1, i.e. next = P + rope_delta (rope_delta < 0
+    when an image's h·w tokens take only max(h, w) positions)."""
+    types = model_kwargs.get("mm_token_type_ids")
+    P = input_ids.shape[1]
+    if types is None or not bool(types.any()):
+        return torch.arange(P, device=input_ids.device).view(1, 1, P).expand(3, 1, P), P
+    pos, delta = _inner_qwen(model).get_rope_index(
+        input_ids, mm_token_type_ids=types, image_grid_thw=model_kwargs.get("image_grid_thw"))
+    return pos, P + int(delta.reshape(-1)[0])
+
+
 FAMILIES: dict[str, Family] = {
-    "text": Family("text", False, "AutoModelForCausalLM", None, _text_prompt, _no_features, lambda f, p: {},
-                   lambda ks, n: {}),
-    "llava": Family("llava", True, "AutoModelForImageTextToText", "multi_modal_projector",
-                    _vlm_prompt(("pixel_values",)), _llava_features, _mm_kwargs, _merge_mm),
-    "llava_next": Family("llava_next", True, "AutoModelForImageTextToText", "multi_modal_projector",
-                         _vlm_prompt(("pixel_values", "image_sizes")), _llava_features, _llava_next_kwargs, _merge_mm),
-    "qwen2_vl": Family("qwen2_vl", True, "AutoModelForImageTextToText", "merger",
-                       _vlm_prompt(("pixel_values", "image_grid_thw"), ("mm_token_type_ids",)),
-                       _qwen_features, _qwen_kwargs, _merge_mm),
-    "qwen2_5_vl": Family("qwen2_5_vl", True, "AutoModelForImageTextToText", "merger",
-                         _vlm_prompt(("pixel_values", "image_grid_thw"), ("mm_token_type_ids",)),
-                         _qwen_features, _qwen_kwargs, _merge_mm),
+    "text": Family("text", False, "AutoModelForCausalLM", None, None, _text_prompt, _no_features,
+                   lambda f, p: {}, _no_merge),
+    "llava": Family("llava", True, "AutoModelForImageTextToText", "multi_modal_projector", "vision_tower",
+                    _vlm_prompt(("pixel_values",)), _image_features, _mm_kwargs, _merge_mm),
+    "llava_next": Family("llava_next", True, "AutoModelForImageTextToText", "multi_modal_projector", "vision_tower",
+                         _vlm_prompt(("pixel_values", "image_sizes")), _image_features, _llava_next_kwargs,
+                         _merge_mm),
+    "qwen2_vl": Family("qwen2_vl", True, "AutoModelForImageTextToText", "merger", "visual",
+                       _qwen_prompt, _image_features, _qwen_kwargs, _merge_mm, _qwen_positions),
+    "qwen2_5_vl": Family("qwen2_5_vl", True, "AutoModelForImageTextToText", "merger", "visual",
+                         _qwen_prompt, _image_features, _qwen_kwargs, _merge_mm, _qwen_positions),
 }
 
 _MODEL_TYPE_TO_FAMILY = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl",
                          "qwen2_5_vl": "qwen2_5_vl"}
-SUPPORTED = "llava (LLaVA-1.5), llava_next, qwen2_vl, qwen2_5_vl, and text causal LMs (llama, qwen2, any AutoModelForCausalLM)"
+SUPPORTED = ("llava (LLaVA-1.5), llava_next (LLaVA-NeXT), qwen2_vl (Qwen2-VL), qwen2_5_vl (Qwen2.5-VL), "
+             "and text causal LMs (llama, qwen2, any AutoModelForCausalLM)")
 
 
 def detect_family(config, requested: str = "auto") -> Family:
@@ -168,7 +219,7 @@ def detect_family(config, requested: str = "auto") -> Family:
     mt = getattr(config, "model_type", None)
     if mt in _MODEL_TYPE_TO_FAMILY:
         return FAMILIES[_MODEL_TYPE_TO_FAMILY[mt]]
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not hasattr(config, "vision_config"):
         return FAMILIES["text"]

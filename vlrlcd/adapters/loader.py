@@ -23,19 +23,42 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _load_config(name_or_path: str):
     from transformers import AutoConfig
 
+    path = Path(name_or_path)
+    if path.exists() and not path.is_dir():
+        raise VlrlcdError(f"student.name_or_path {name_or_path} is a file; point to the checkpoint directory")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise VlrlcdError(f"{name_or_path}: no config.json in this directory; is it a saved checkpoint "
+                          "(model.save_pretrained(DIR))?")
     try:
         return AutoConfig.from_pretrained(name_or_path)
-    except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-        if Path(name_or_path).exists():
-            raise VlrlcdError(f"{name_or_path}: no config.json in this directory; is it a saved checkpoint?") from None
+    except (OSError, ValueError) as e:
+        if path.is_dir():
+            raise VlrlcdError(f"{name_or_path}: config.json could not be read ({str(e).splitlines()[0][:200]})") from None
+        if _offline():
+            raise VlrlcdError(
+                f"student.name_or_path '{name_or_path}' is not a local directory and is not in the Hugging Face "
+                "cache, and the hub is offline (HF_HUB_OFFLINE=1); download it first where there is network "
+                "(huggingface-cli download ID) or point to a local copy"
+            ) from None
         raise VlrlcdError(
-            f"student.name_or_path '{name_or_path}' is not a local directory and could not be fetched from the hub"
-            + (" (offline mode: HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else "")
-            + f"; download it first or point to a local copy ({type(e).__name__})"
+            f"student.name_or_path '{name_or_path}' is not a local directory and could not be fetched from the "
+            f"hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the id and the network, or "
+            "point to a local copy"
         ) from None
 
 
@@ -45,13 +68,22 @@ def quantization_config(cfg: StudentConfig, family: Family):
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = ["lm_head"] + (["vision_tower", "visual", family.projector] if family.vision else [])
+    skip = skip_modules(family)
     if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[s for s in skip if s])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=_DTYPES[cfg.compute_dtype], llm_int8_skip_modules=[s for s in skip if s],
+        bnb_4bit_compute_dtype=_DTYPES[cfg.compute_dtype], llm_int8_skip_modules=skip,
     )
+
+
+def skip_modules(family: Family) -> list[str]:
+    """Modules kept in full precision: lm_head, and for VLMs the vision tower and projector.
+
+    transformers 5 matches these from the start of the module name or as a suffix (so `.*vision_tower`
+    for a nested tower); transformers 4 matched substrings (the plain names). Both forms are listed."""
+    names = ["lm_head"] + ([family.vision_module, family.projector] if family.vision else [])
+    return [p for n in names if n for p in (n, f".*{n}")]
 
 
 def lora_config(cfg: StudentConfig, family: Family):
