@@ -31,18 +31,36 @@ def cmd_anchors(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, write_summary
+    from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, student_config, write_summary
+    from vlrlcd.training.distributed import setup_distributed
+    from vlrlcd.training.session import TrainingInterrupted
 
     cfg = _config(args)
-    prep = prepare(cfg, progress=not args.no_progress)
-    sft_adapter, sft_metrics = run_sft(prep, progress=not args.no_progress)
-    methods = {"sft": sft_metrics}
-    if cfg.train.objective != "sft":
-        _, methods[cfg.train.objective] = run_rl(prep, sft_adapter, progress=not args.no_progress)
-    summary = {"methods": methods, "teacher_calls": prep.teacher_calls, "train_prompts": len(prep.train),
-               "eval_prompts": len(prep.eval), "seconds": sum(m.get("seconds", 0) for m in methods.values())}
-    write_summary(cfg.run_dir, summary)
-    print(format_table(summary))
+    dist = setup_distributed(cfg.train.mixed_precision)
+    progress = not args.no_progress
+    try:
+        prep = prepare(cfg, progress=progress and dist.is_main, dist=dist)
+        with dist.main_first():
+            student_config(prep)  # a tiny student is built once, by process 0
+        sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=args.resume, dist=dist)
+        methods = {"sft": sft_metrics}
+        if cfg.train.objective != "sft":
+            _, methods[cfg.train.objective] = run_rl(prep, sft_adapter, progress=progress, resume=args.resume,
+                                                     dist=dist)
+    except TrainingInterrupted as e:
+        if dist.is_main:
+            again = " ".join(["vlrlcd train", args.config, *args.overrides, "--resume"])
+            print(f"interrupted: {e.stage} stopped after step {e.step}; checkpoint saved in {e.checkpoint}\n"
+                  f"continue with: {again}", file=sys.stderr)
+        return 130
+    finally:
+        dist.close()
+    if dist.is_main:
+        summary = {"methods": methods, "teacher_calls": prep.teacher_calls, "train_prompts": len(prep.train),
+                   "eval_prompts": len(prep.eval), "seconds": sum(m.get("seconds", 0) for m in methods.values()),
+                   "processes": dist.world}
+        write_summary(cfg.run_dir, summary)
+        print(format_table(summary))
     return 0
 
 
@@ -109,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("anchors", help="ask the teacher once per prompt and store the answers")).set_defaults(func=cmd_anchors)
     t = with_config(sub.add_parser("train", help="SFT then the configured RL objective"))
-    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint (finished stages are reused; pass the same "
+                        "config and overrides)")
     t.set_defaults(func=cmd_train)
     e = with_config(sub.add_parser("eval", help="evaluate an adapter on the held-out split"))
     e.add_argument("--adapter", required=True, help="a saved adapter directory")

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlrlcd.adapters.config import StudentConfig
 from vlrlcd.config import Config, save_config
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 
+if TYPE_CHECKING:
+    from vlrlcd.training.distributed import Dist
+
 TINY_STUDENTS = ("tiny-llava", "tiny-text")
+STAGE_FILE = "stage.json"   # RUN/<stage>/stage.json: written last, when the stage (training + eval) is done
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Prepared:
     anchors: dict[str, str]
     teacher_calls: int          # calls made by this run
     anchors_stored: int
+    distinct_prompts: int       # distinct (prompt, image) pairs in the training split: the most calls ever needed
 
 
 def ensure_run_dir(cfg: Config) -> Path:
@@ -46,20 +53,28 @@ def ensure_run_dir(cfg: Config) -> Path:
     return run
 
 
-def prepare(cfg: Config, progress: bool = True) -> Prepared:
-    """Load / generate the data and fill the anchor store (the teacher is asked only for new prompts)."""
+def prepare(cfg: Config, progress: bool = True, dist: Dist | None = None) -> Prepared:
+    """Load / generate the data and fill the anchor store (the teacher is asked only for new prompts).
+
+    With several processes, process 0 does the work first; the others then read the cached data and the
+    stored anchors (they never call the teacher)."""
     from vlrlcd.datasets.load import load_splits
     from vlrlcd.teacher.runner import STORE_NAME, fill_anchors
-    from vlrlcd.teacher.store import AnchorStore
+    from vlrlcd.teacher.store import AnchorStore, anchor_key
 
-    run = ensure_run_dir(cfg)
-    splits = load_splits(cfg)
-    with AnchorStore(run / STORE_NAME) as store:
-        summary = fill_anchors(cfg.teacher, splits.train, store, progress=progress)
-        anchors = store.anchors_for(splits.train, cfg.teacher)
-    if summary.failed or summary.remaining:
+    main = dist is None or dist.is_main
+    with (dist.main_first() if dist is not None else nullcontext()):
+        run = ensure_run_dir(cfg) if main else Path(cfg.run_dir)
+        splits = load_splits(cfg)
+        with AnchorStore(run / STORE_NAME) as store:
+            summary = fill_anchors(cfg.teacher, splits.train, store, progress=progress) if main else None
+            anchors = store.anchors_for(splits.train, cfg.teacher)
+    if summary is not None and (summary.failed or summary.remaining):
         print(summary, flush=True)
-    return Prepared(cfg, splits.train, splits.eval, anchors, summary.calls, len(anchors))
+    for note in getattr(splits, "notes", []) if main else []:
+        print(note, flush=True)
+    distinct = len({anchor_key(cfg.teacher, r) for r in splits.train})
+    return Prepared(cfg, splits.train, splits.eval, anchors, summary.calls if summary else 0, len(anchors), distinct)
 
 
 def student_config(prep: Prepared) -> StudentConfig:
@@ -71,11 +86,19 @@ def student_config(prep: Prepared) -> StudentConfig:
 
     base = Path(prep.cfg.run_dir) / f"student_base-{scfg.name_or_path}"
     if not (base / "config.json").exists():
-        corpus = [r.prompt for r in prep.train + prep.eval] + list(prep.anchors.values())
-        corpus += [r.reference for r in prep.train + prep.eval if r.reference]
-        build = build_tiny_llava if scfg.name_or_path == "tiny-llava" else build_tiny_text
+        from vlrlcd.training.pretrain import pretrain_base, pretraining_records
+
+        t = scfg.tiny
         tmp = base.with_name(base.name + ".tmp")
-        build(tmp, corpus, scfg.tiny, seed=prep.cfg.seed)
+        vision = scfg.name_or_path == "tiny-llava"
+        generic = pretraining_records(vision, t.pretrain_examples, prep.cfg.seed, tmp / "pretrain_images",
+                                      t.image_size) if t.pretrain_examples else []
+        corpus = [r.prompt for r in prep.train + prep.eval + generic] + list(prep.anchors.values())
+        corpus += [r.reference for r in prep.train + prep.eval + generic if r.reference]
+        build = build_tiny_llava if vision else build_tiny_text
+        build(tmp, corpus, t, seed=prep.cfg.seed)
+        if generic:
+            pretrain_base(tmp, generic, t.pretrain_epochs, t.pretrain_lr, prep.cfg.seed)
         tmp.rename(base)
     return replace(scfg, name_or_path=str(base))
 
@@ -89,37 +112,97 @@ def _eval(student, prep: Prepared, out: Path, progress: bool) -> dict:
     return {res.metric: res.value, "n": res.n}
 
 
-def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init_adapter: Path | None = None,
-            progress: bool = True) -> tuple[Path, dict]:
-    """Stage I (or `sft2`'s second stage from `init_adapter`); returns (adapter dir, held-out metrics)."""
-    from vlrlcd.adapters.loader import load_student
-    from vlrlcd.training.sft import sft_items, train_sft
+def finished_stage(stage_dir: Path) -> dict | None:
+    """The record of a stage finished by an earlier run (its adapter saved and evaluated), else None."""
+    path = stage_dir / STAGE_FILE
+    if not path.exists() or not (stage_dir / "adapter" / "adapter_config.json").exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    out = Path(prep.cfg.run_dir) / name
-    t0 = time.time()
-    student = load_student(student_config(prep), adapter=init_adapter)
-    train_sft(student, sft_items(prep.train, prep.anchors), prep.cfg.train, out, prep.cfg.seed, epochs, progress)
-    adapter = student.save(out / "adapter")
-    metrics = {**_eval(student, prep, out, progress), "seconds": round(time.time() - t0, 1)}
+
+def _prior_seconds(stage_dir: Path, resume: bool) -> float:
+    """Training seconds spent by earlier runs up to the checkpoint a resumed stage continues from."""
+    from vlrlcd.training.checkpoint import latest_checkpoint, read_meta
+
+    latest = latest_checkpoint(stage_dir) if resume else None
+    return float(read_meta(latest).get("elapsed", 0.0)) if latest else 0.0
+
+
+def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist | None",
+               progress: bool) -> tuple[Path, dict]:
+    """Load the student, train it (`train(student)`), save and evaluate on process 0, mark the stage done.
+    With `resume`, a finished stage is reused as it is and an unfinished one continues from its newest
+    checkpoint."""
+    main = dist is None or dist.is_main
+    done = finished_stage(out) if resume else None
+    if done is not None:
+        if main:
+            print(f"{out.name}: finished by an earlier run; using {out / 'adapter'}", flush=True)
+        return out / "adapter", done.get("metrics", {})
+    if main:
+        (out / STAGE_FILE).unlink(missing_ok=True)
+    t0, prior = time.time(), _prior_seconds(out, resume)
+    student = load()
+    train(student)
+    adapter, metrics = out / "adapter", {}
+    if main:
+        student.save(adapter)
+        metrics = {**_eval(student, prep, out, progress), "seconds": round(time.time() - t0 + prior, 1)}
+        tmp = out / (STAGE_FILE + ".tmp")
+        tmp.write_text(json.dumps({"done": True, "metrics": metrics}, indent=1), encoding="utf-8")
+        tmp.replace(out / STAGE_FILE)
+    if dist is not None:
+        dist.barrier()
     return adapter, metrics
 
 
+def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init_adapter: Path | None = None,
+            progress: bool = True, resume: bool = False, dist: "Dist | None" = None) -> tuple[Path, dict]:
+    """Stage I (or `sft2`'s second stage from `init_adapter`); returns (adapter dir, held-out metrics;
+    empty on processes other than 0)."""
+    from vlrlcd.adapters.loader import load_student
+    from vlrlcd.training.common import seed_everything
+    from vlrlcd.training.sft import sft_items, train_sft
+
+    cfg = prep.cfg
+
+    def load():
+        seed_everything(cfg.seed)  # a fresh adapter's initialisation must not depend on what ran before
+        return load_student(student_config(prep), adapter=init_adapter)
+
+    def train(student):
+        train_sft(student, sft_items(prep.train, prep.anchors), cfg.train, Path(cfg.run_dir) / name, cfg.seed,
+                  epochs, progress, resume=resume, dist=dist)
+
+    return _run_stage(prep, Path(cfg.run_dir) / name, train, load, resume, dist, progress)
+
+
 def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = None,
-           progress: bool = True) -> tuple[Path, dict]:
+           progress: bool = True, resume: bool = False, dist: "Dist | None" = None) -> tuple[Path, dict]:
     """Stage II from the SFT adapter (the policy starts from it; the frozen copy is the reference)."""
     from vlrlcd.adapters.loader import load_student
     from vlrlcd.training.rl import train_rl
+    from vlrlcd.training.steps import make_context
 
     cfg = prep.cfg
     tcfg = replace(cfg.train, objective=objective or cfg.train.objective)
     out = Path(cfg.run_dir) / tcfg.objective
-    t0 = time.time()
-    student = load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter)
-    train_rl(student, prep.train, prep.anchors, tcfg, cfg.ranking, cfg.student.max_new_tokens, out, cfg.seed,
-             prep.teacher_calls, progress)
-    adapter = student.save(out / "adapter")
-    metrics = {**_eval(student, prep, out, progress), "seconds": round(time.time() - t0, 1)}
-    return adapter, metrics
+
+    def load():
+        return load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter)
+
+    def train(student):
+        ctx = make_context(cfg, tcfg)  # a stored judge for judge_grpo
+        try:
+            train_rl(student, prep.train, prep.anchors, tcfg, cfg.ranking, cfg.student.max_new_tokens, out,
+                     cfg.seed, prep.teacher_calls, progress, resume=resume, dist=dist, ctx=ctx)
+        finally:
+            ctx.close()
+
+    return _run_stage(prep, out, train, load, resume, dist, progress)
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:

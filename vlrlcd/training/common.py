@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 
 import numpy as np
@@ -18,8 +20,6 @@ def seed_everything(seed: int) -> None:
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, total_steps: int,
                    warmup_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
-    import math
-
     if not params:
         raise ValueError("no trainable parameters: is the LoRA adapter loaded as trainable?")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -33,12 +33,26 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def clipped_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, sched, max_norm: float) -> tuple[float, bool]:
-    """Clip, check the gradient is finite, step; returns (grad norm, whether the step was taken)."""
+def clipped_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, sched, max_norm: float,
+                 scaler: torch.amp.GradScaler | None = None) -> tuple[float, bool]:
+    """Unscale (fp16), clip, check the gradient is finite, step; returns (grad norm, whether the step was
+    taken). A non-finite gradient leaves weights, optimizer and schedule untouched."""
+    if scaler is not None:
+        scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     ok = bool(torch.isfinite(norm))
     if ok:
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+        else:
+            opt.step()
         sched.step()
+    if scaler is not None:
+        scaler.update()
     opt.zero_grad(set_to_none=True)
     return float(norm), ok
+
+
+def digest(items: list[str]) -> str:
+    """A short hash of the data order (a checkpoint's data position is only valid for the same order)."""
+    return hashlib.sha1("\x00".join(items).encode("utf-8")).hexdigest()[:16]

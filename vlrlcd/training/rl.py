@@ -3,37 +3,58 @@ the student's own judgement, and step on the objective. The teacher is never cal
 
 Per prompt and step the image goes through the vision tower once: the features are shared by the
 sampling prefix, the scoring prefix, and the policy and reference log-prob passes.
+
+Several processes (distributed.py): each takes the prompts i ≡ rank (mod world) of the step's global
+batch; sampling RNGs are fixed by (seed, step, global index), so the candidates — and, up to float
+summation order, the step — are those of a single process running the whole batch. Checkpoints,
+resume, Ctrl-C, non-finite steps and logging: session.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import sys
 import time
 from pathlib import Path
-
 import torch
-from tqdm import tqdm
 
 from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.core import entropy
-from vlrlcd.training.common import clipped_step, make_optimizer, seed_everything
+from vlrlcd.training.common import clipped_step, digest, make_optimizer, seed_everything
 from vlrlcd.training.config import TrainConfig
-from vlrlcd.training.metrics_log import MetricsLog
+from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import rollout, sample_generator
+from vlrlcd.training.session import Session
 from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+
+
+def rl_order(pool: list[Record], steps: int, batch_size: int, seed: int) -> list[Record]:
+    """The prompts of every step, back to back: reshuffled epochs of `pool` (a function of the seed only)."""
+    rng = random.Random(seed)
+    order: list[Record] = []
+    while len(order) < steps * batch_size:
+        epoch = list(pool)
+        rng.shuffle(epoch)
+        order.extend(epoch)
+    return order
 
 
 def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, str], cfg: TrainConfig,
              rcfg: RankingConfig, max_new_tokens: int, out_dir: str | Path, seed: int = 0,
-             teacher_calls: int = 0, progress: bool = True) -> list[dict]:
+             teacher_calls: int = 0, progress: bool = True, resume: bool = False, dist: Dist | None = None,
+             ctx: StepContext | None = None) -> list[dict]:
     """Run `cfg.rl_steps` steps of `cfg.objective` on the records that have an anchor.
 
-    Writes OUT/metrics.jsonl (one line per step) and OUT/rollouts.jsonl (every group); returns the rows.
+    Writes OUT/metrics.jsonl (one line per step), OUT/rollouts.jsonl (every group), OUT/checkpoints/ and
+    OUT/tb/; with `resume`, continues after the newest checkpoint in OUT. `ctx` (steps.make_context: a
+    judge for judge_grpo) defaults to a bare StepContext; its `state` is checkpointed. Returns every step's row.
     """
+    dist = dist or single_process(cfg.mixed_precision)
     seed_everything(seed)
     if cfg.objective not in GROUP_LOSSES:
         raise VlrlcdError(f"train.objective '{cfg.objective}' has no RL loop yet; available: {', '.join(GROUP_LOSSES)}")
@@ -42,61 +63,115 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
     skipped = len(records) - len(pool)
     if not pool:
         raise VlrlcdError("no training prompt has a stored anchor: run `vlrlcd anchors CONFIG` first")
-    rng = random.Random(seed)
-    order: list[Record] = []
-    while len(order) < cfg.rl_steps * cfg.batch_size:
-        epoch = list(pool)
-        rng.shuffle(epoch)
-        order.extend(epoch)
+    if cfg.gradient_checkpointing and dist.is_main:
+        print("note: train.gradient_checkpointing applies to SFT only; the RL passes share each prompt's KV cache, "
+              "which checkpointing would drop", file=sys.stderr)
+    order = rl_order(pool, cfg.rl_steps, cfg.batch_size, seed)
     params = student.trainable_parameters()
     opt, sched = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.rl_steps, cfg.warmup_steps)
+    scaler = dist.grad_scaler()
     out = Path(out_dir)
-    log = MetricsLog(out / "metrics.jsonl")
-    rollouts_path = out / "rollouts.jsonl"
-    rollouts_path.unlink(missing_ok=True)
-    ctx = StepContext(step=0, total_steps=cfg.rl_steps, ranking=rcfg)
-    rows, t0, bad = [], time.time(), 0
-    bar = tqdm(range(cfg.rl_steps), desc=cfg.objective, disable=not progress, leave=False)
-    for step in bar:
-        ts = time.time()
-        ctx.step = step
-        batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        sums: dict[str, float] = {}
-        finite, tokens, groups = True, 0.0, []
-        for i, rec in enumerate(batch):
-            student.model.eval()
-            g = rollout(student, rec, anchors[rec.id], cfg, rcfg, max_new_tokens, sample_generator(seed, step, i))
-            student.model.train()
-            loss, m = group_loss(student, g, cfg, ctx)
-            if not torch.isfinite(loss):
-                finite = False
-                continue
-            (loss / len(batch)).backward()
-            groups.append(g)
-            tokens += m.get("tokens", 0.0)
-            m = {**m, "margin_mean": float(g.margins.mean()), "dx_entropy": float(entropy(g.target[None])[0])}
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-        if finite:
-            norm, ok = clipped_step(params, opt, sched, cfg.grad_clip)
-        else:
-            opt.zero_grad(set_to_none=True)
-            norm, ok = float("nan"), False
-        bad = 0 if ok else bad + 1
-        n = max(1, len(groups))
-        row = {"stage": "rl", "step": step + 1, **{k: v / n for k, v in sums.items() if k != "tokens"},
-               "kl": sums.get("kl_ref", 0.0) / n, "grad_norm": norm, "skipped": not ok,
-               "lr": sched.get_last_lr()[0], "teacher_calls": teacher_calls, "prompts_without_anchor": skipped,
-               "tokens_per_s": tokens / max(1e-9, time.time() - ts), "seconds": round(time.time() - t0, 3)}
-        log.write(row)
-        rows.append(row)
-        with open(rollouts_path, "a", encoding="utf-8") as f:
-            for g in groups:
-                f.write(json.dumps(g.to_json(step + 1), ensure_ascii=False) + "\n")
-        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", margin=f"{row.get('margin_mean', 0):.2f}",
-                        kl=f"{row['kl']:.3f}")
-        if bad >= cfg.max_bad_steps:
-            raise VlrlcdError(f"{bad} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
-                              "lower train.lr or check the data")
+    ctx = ctx or StepContext(step=0, total_steps=cfg.rl_steps, ranking=rcfg)
+    data_digest = digest([r.id for r in order[: len(pool)]] + [f"batch={cfg.batch_size}", f"seed={seed}"])
+    bs = cfg.batch_size
+    with Session("rl", out, cfg, dist, student, params, opt, sched, cfg.rl_steps, resume, progress, data_digest,
+                 postfix_keys=("loss", "margin_mean", "kl")) as session:
+        ctx.state = session.loop_state.get("ctx_state", ctx.state)
+        calls_total: dict[str, int] = dict(session.loop_state.get("calls", {}))  # every process, cumulative
+        loop_state = lambda: {"ctx_state": ctx.state, "calls": calls_total}  # noqa: E731
+        rollouts_path = out / "rollouts.jsonl"
+        if dist.is_main:
+            _truncate_rollouts(rollouts_path, session.start_step)
+        for step in range(session.start_step, cfg.rl_steps):
+            ts = time.time()
+            ctx.step = step
+            batch = order[step * bs:(step + 1) * bs]
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            lines, bad_ids, tokens, calls0 = [], [], 0.0, _call_counts(ctx)
+            for i in dist.shard(len(batch)):
+                rec = batch[i]
+                with dist.autocast():
+                    student.model.eval()
+                    g = rollout(student, rec, anchors[rec.id], cfg, rcfg, max_new_tokens, sample_generator(seed, step, i))
+                    student.model.train()
+                    loss, m = group_loss(student, g, cfg, ctx)
+                if not torch.isfinite(loss):
+                    bad_ids.append(rec.id)
+                    continue
+                scaled = loss / len(batch)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                tokens += m.get("tokens", 0.0)
+                if _ranked(g):
+                    m = {**m, "margin_mean": float(g.margins.mean()), "dx_entropy": float(entropy(g.target[None])[0])}
+                for k, v in m.items():
+                    if k != "tokens" and isinstance(v, (int, float)):
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                        counts[k] = counts.get(k, 0) + 1
+                lines.append((i, {**g.to_json(step + 1), "rank": dist.rank} if dist.multi else g.to_json(step + 1)))
+            n_bad = dist.sum_gradients(params, [float(len(bad_ids))])[0]
+            if n_bad == 0:
+                norm, ok = clipped_step(params, opt, sched, cfg.grad_clip, scaler)
+                reason = None if ok else "non-finite gradient"
+            else:
+                opt.zero_grad(set_to_none=True)
+                norm, ok, reason = float("nan"), False, None
+            calls = {k: v - calls0.get(k, 0) for k, v in _call_counts(ctx).items()}
+            parts = dist.all_gather((sums, counts, tokens, lines, bad_ids, calls))
+            sums, counts = _merge([p[0] for p in parts]), _merge([p[1] for p in parts])
+            tokens = sum(p[2] for p in parts)
+            if reason is None and not ok:
+                ids = [x for p in parts for x in p[4]]
+                reason = f"non-finite loss on prompt(s) {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+            means = {k: v / counts[k] for k, v in sums.items()}
+            kl = means.get("kl_ref", means.get("kl", 0.0))
+            calls_total = _merge([calls_total] + [p[5] for p in parts])
+            session.log(step + 1, {**means, "kl": kl, "grad_norm": norm, "teacher_calls": teacher_calls,
+                                   **calls_total, "prompts_without_anchor": skipped},
+                              ok, reason, tokens, step_seconds=time.time() - ts)
+            if dist.is_main:
+                with open(rollouts_path, "a", encoding="utf-8") as f:
+                    for _, line in sorted((x for p in parts for x in p[3]), key=lambda t: t[0]):
+                        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            session.end_step(step + 1, loop_state)
+        session.finish(loop_state)
     student.model.eval()
-    return rows
+    return session.rows
+
+
+def _call_counts(ctx) -> dict[str, int]:
+    """The context's teacher-cost counters (judge calls, local teacher passes), if it keeps any."""
+    counts = getattr(ctx, "call_counts", None)
+    return dict(counts()) if callable(counts) else {}
+
+
+def _ranked(group) -> bool:
+    ranked = getattr(group, "ranked", None)
+    if ranked is not None:
+        return bool(ranked)
+    return group.margins.numel() > 0
+
+
+def _merge(dicts: list[dict]) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _truncate_rollouts(path: Path, done_steps: int) -> None:
+    """Keep the groups of the first `done_steps` steps (all of them are redone after a resume)."""
+    if done_steps == 0 or not path.exists():
+        path.unlink(missing_ok=True)
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", math.inf) <= done_steps:
+                keep.append(line + "\n")
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    tmp.replace(path)

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
 from vlrlcd.objectives.sft import sft_loss
 from vlrlcd.ranking.scorers import scoring_prompt
-from vlrlcd.training.common import clipped_step, make_optimizer, seed_everything
+from vlrlcd.training.common import clipped_step, digest, make_optimizer, seed_everything
 from vlrlcd.training.config import TrainConfig
-from vlrlcd.training.metrics_log import MetricsLog
+from vlrlcd.training.distributed import Dist, single_process
+from vlrlcd.training.session import Session
 
 
 @dataclass
@@ -60,42 +60,96 @@ def batch_loss(student: StudentAdapter, items: list[SFTItem]) -> tuple[torch.Ten
     return sft_loss(tl.logp, tl.mask)
 
 
+def target_tokens(student: StudentAdapter, items: list[SFTItem]) -> int:
+    """How many target tokens (EOS included) the items' pairs hold: the denominator of a step's mean NLL."""
+    return sum(len(student.encode_response(target)) for item in items for _, target in item.pairs)
+
+
+def sft_order(items: list[SFTItem], epochs: float, seed: int) -> list[SFTItem]:
+    """round(epochs · N) items: reshuffled passes over `items`, cut to length (a function of the seed only)."""
+    n = max(1, int(round(epochs * len(items))))
+    order: list[SFTItem] = []
+    rng = random.Random(seed)
+    while len(order) < n:
+        batch = list(items)
+        rng.shuffle(batch)
+        order.extend(batch)
+    return order[:n]
+
+
 def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, out_dir: str | Path,
-              seed: int = 0, epochs: float | None = None, progress: bool = True) -> list[dict]:
-    """Run SFT for `cfg.sft_epochs` passes; writes OUT/metrics.jsonl; returns the metric rows."""
+              seed: int = 0, epochs: float | None = None, progress: bool = True, resume: bool = False,
+              dist: Dist | None = None) -> list[dict]:
+    """Run SFT for `cfg.sft_epochs` passes; writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/tb/; with `resume`,
+    continues after the newest checkpoint in OUT. Returns every step's row.
+
+    A step's batch (`cfg.sft_batch_size` items) is split across processes, and each process's share into
+    `cfg.grad_accum` micro-batches; each micro-batch's loss is weighted by its share of the step's target
+    tokens, so the step is the same for any split.
+    """
+    dist = dist or single_process(cfg.mixed_precision)
     seed_everything(seed)
     epochs = cfg.sft_epochs if epochs is None else epochs
     if not items:
         raise ValueError("no SFT examples: no record has a stored anchor")
-    order: list[SFTItem] = []
-    rng = random.Random(seed)
-    while len(order) < int(round(epochs * len(items))):
-        batch = list(items)
-        rng.shuffle(batch)
-        order.extend(batch)
-    order = order[: max(1, int(round(epochs * len(items))))]
+    order = sft_order(items, epochs, seed)
     bs = cfg.sft_batch_size
     total_steps = (len(order) + bs - 1) // bs
     params = student.trainable_parameters()
     opt, sched = make_optimizer(params, cfg.sft_lr, cfg.weight_decay, total_steps, max(cfg.warmup_steps, total_steps // 20))
-    log = MetricsLog(Path(out_dir) / "metrics.jsonl")
-    student.model.train()
-    rows, t0 = [], time.time()
-    bar = tqdm(range(total_steps), desc="sft", disable=not progress, leave=False)
-    for step in bar:
-        batch = order[step * bs:(step + 1) * bs]
-        loss, m = batch_loss(student, batch)
-        if torch.isfinite(loss):
-            loss.backward()
-            norm, ok = clipped_step(params, opt, sched, cfg.grad_clip)
-        else:
-            opt.zero_grad(set_to_none=True)
-            norm, ok = float("nan"), False
-        row = {"stage": "sft", "step": step + 1, "loss": m["loss"], "grad_norm": norm,
-               "skipped": not ok, "lr": sched.get_last_lr()[0], "tokens": m["tokens"],
-               "seconds": round(time.time() - t0, 3)}
-        log.write(row)
-        rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-    student.model.eval()
-    return rows
+    scaler = dist.grad_scaler()
+    data_digest = digest([it.id for it in order[: len(items)]] + [f"batch={bs}", f"seed={seed}"])
+    if cfg.gradient_checkpointing:
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        with Session("sft", out_dir, cfg, dist, student, params, opt, sched, total_steps, resume, progress,
+                     data_digest) as session:
+            student.model.train()
+            for step in range(session.start_step, total_steps):
+                ts = time.time()
+                batch = order[step * bs:(step + 1) * bs]
+                step_tokens = target_tokens(student, batch)
+                mine = [batch[i] for i in dist.shard(len(batch))]
+                nll, tokens, bad = 0.0, 0.0, 0
+                for chunk in _chunks(mine, cfg.grad_accum):
+                    with dist.autocast():
+                        loss, m = batch_loss(student, chunk)
+                    if not torch.isfinite(loss):
+                        bad += 1
+                        continue
+                    if m["tokens"] != step_tokens:  # a part of the step: weight by its share of the tokens
+                        loss = loss * (m["tokens"] / step_tokens)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    nll += m["loss"] * m["tokens"]
+                    tokens += m["tokens"]
+                n_bad = dist.sum_gradients(params, [float(bad)])[0]
+                if n_bad == 0:
+                    norm, ok = clipped_step(params, opt, sched, cfg.grad_clip, scaler)
+                    reason = None if ok else "non-finite gradient"
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    norm, ok, reason = float("nan"), False, f"non-finite loss in {int(n_bad)} micro-batch(es)"
+                parts = dist.all_gather((nll, tokens))
+                nll, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                mean = nll / tokens if tokens and n_bad == 0 else float("nan")
+                session.log(step + 1, {"loss": mean, "grad_norm": norm, "tokens": tokens}, ok, reason, tokens,
+                            step_seconds=time.time() - ts)
+                session.end_step(step + 1, dict)
+            session.finish(dict)
+    finally:
+        if cfg.gradient_checkpointing:
+            student.model.gradient_checkpointing_disable()
+        student.model.eval()
+    return session.rows
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    """`items` in n nearly equal consecutive parts (empty parts dropped)."""
+    size, extra = divmod(len(items), n)
+    parts, start = [], 0
+    for j in range(n):
+        end = start + size + (1 if j < extra else 0)
+        if end > start:
+            parts.append(items[start:end])
+        start = end
+    return parts
