@@ -191,6 +191,9 @@ class StudentAdapter:
         pos = (starts[:, None] + torch.arange(T, device=ids.device)[None, :]).clamp(max=L - 1)
         # logits only where a response token is predicted ([B, T] positions), never over the prompt
         logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=pos, **kwargs).logits
+        if logits.shape[:2] != pos.shape:  # a model without per-row logits_to_keep (rare): keep all, then gather
+            logits = self.model(input_ids=ids, attention_mask=attn, **kwargs).logits
+            logits = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))
         return TokenLogprobs(_logprobs_of(logits, resp_ids) * mask, mask, resp_ids)
 
     @torch.no_grad()

@@ -114,6 +114,12 @@ def _vlm_prompt(pixel_keys: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
         if getattr(proc, "chat_template", None) is None and getattr(adapter.tokenizer, "chat_template", None) is None:
             raise VlrlcdError(f"{adapter.name_or_path}: the processor has no chat template; add one to its files")
         text = proc.apply_chat_template(_vlm_messages(prompt, image), add_generation_prompt=True, tokenize=False)
+        placeholder = getattr(proc, "image_token", None)
+        if image is not None and isinstance(placeholder, str) and placeholder not in text:
+            raise VlrlcdError(
+                f"{adapter.name_or_path}: the prompt has no image placeholder '{placeholder}' after the chat "
+                "template; the template must emit it for {'type': 'image'} content (check chat_template.jinja)"
+            )
         try:
             enc = proc(images=[image] if image is not None else None, text=[text], return_tensors="pt")
         except ValueError as e:

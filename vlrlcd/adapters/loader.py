@@ -44,6 +44,10 @@ def _load_config(name_or_path: str):
     if path.is_dir() and not (path / "config.json").exists():
         raise VlrlcdError(f"{name_or_path}: no config.json in this directory; is it a saved checkpoint "
                           "(model.save_pretrained(DIR))?")
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local and not path.exists():
+        raise VlrlcdError(f"student.name_or_path {name_or_path}: no such directory (and not a hub id of the "
+                          "form owner/name)")
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -99,6 +103,44 @@ def lora_config(cfg: StudentConfig, family: Family):
     )
 
 
+def _load_processor(path: str, family: Family):
+    """(processor or None, tokenizer): the checkpoint's own processor for a VLM, its tokenizer for text."""
+    import transformers
+
+    if not family.vision:
+        try:
+            return None, transformers.AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise VlrlcdError(
+                f"{path}: could not load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                "save it beside the model with tokenizer.save_pretrained(DIR)"
+            ) from None
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise VlrlcdError(
+            f"{path}: could not load the processor ({type(e).__name__}: {str(e).splitlines()[0][:160]}); a "
+            f"{family.name} checkpoint directory needs its processor files (processor_config.json or "
+            "preprocessor_config.json, and the tokenizer files): save them with processor.save_pretrained(DIR)"
+        ) from None
+    if isinstance(processor, transformers.PreTrainedTokenizerBase) or getattr(processor, "image_processor", None) is None:
+        raise VlrlcdError(
+            f"{path}: found a tokenizer but no image processor (processor_config.json / preprocessor_config.json); "
+            f"a {family.name} checkpoint needs its full processor: save it with processor.save_pretrained(DIR)"
+        )
+    return processor, processor.tokenizer
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel the first time it runs in eval mode
+    without grad (on AVX512-BF16 CPUs), and from then on uses that kernel for every call, which has no
+    autograd: gradients through the quantized layers would silently vanish after the first generation.
+    Keep the regular (differentiable) 4-bit path."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
 def load_base(cfg: StudentConfig):
     """(model, processor, tokenizer, family) for `cfg.name_or_path`, without any adapter."""
     import transformers
@@ -107,6 +149,7 @@ def load_base(cfg: StudentConfig):
     path = cfg.name_or_path
     hf_config = _load_config(path)
     family = detect_family(hf_config, cfg.family)
+    processor, tokenizer = _load_processor(path, family)  # before the weights: a missing file fails fast
     dtype = _DTYPES[cfg.compute_dtype]
     quant = quantization_config(cfg, family)
     kwargs: dict = {"dtype": dtype}
@@ -116,27 +159,8 @@ def load_base(cfg: StudentConfig):
     model = getattr(transformers, family.auto_class).from_pretrained(path, **kwargs)
     if quant is None and torch.cuda.is_available():
         model = model.to("cuda")
-    processor = None
-    if family.vision:
-        try:
-            processor = transformers.AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, TypeError) as e:
-            raise VlrlcdError(
-                f"{path}: could not load the processor ({type(e).__name__}: {str(e).splitlines()[0][:160]}); a "
-                "vision-language checkpoint directory needs its processor files (save them with "
-                "processor.save_pretrained(DIR))"
-            ) from None
-        if isinstance(processor, transformers.PreTrainedTokenizerBase) or getattr(processor, "image_processor", None) is None:
-            raise VlrlcdError(
-                f"{path}: found a tokenizer but no image processor (preprocessor_config.json); save the full "
-                "processor with processor.save_pretrained(DIR)"
-            )
-        tokenizer = processor.tokenizer
-    else:
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise VlrlcdError(f"{path}: could not load the tokenizer ({type(e).__name__}); save it beside the model") from None
+    if quant is not None and not torch.cuda.is_available():
+        _keep_cpu_4bit_trainable(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, processor, tokenizer, family
