@@ -39,11 +39,11 @@ def test_compare_writes_one_table_from_one_sft_start(tmp_path, monkeypatch):
 
     real_run_rl, starts = pipeline.run_rl, []
 
-    def run_rl(prep, sft_adapter, objective=None, progress=True):
+    def run_rl(prep, sft_adapter, objective=None, progress=True, resume=False):
         starts.append(sft_adapter)
         if objective == "anchor_grpo":
             raise VlrlcdError("anchor_grpo: simulated failure")
-        return real_run_rl(prep, sft_adapter, objective, progress=progress)
+        return real_run_rl(prep, sft_adapter, objective, progress=progress, resume=resume)
 
     monkeypatch.setattr(pipeline, "run_rl", run_rl)
     run = tmp_path / "run"
@@ -77,3 +77,12 @@ def test_compare_writes_one_table_from_one_sft_start(tmp_path, monkeypatch):
     assert "anchor_grpo" not in summary["methods"]
     table = format_compare(result)
     assert all(m in table for m in ("sft2", "single_pair_dpo", "error: anchor_grpo: simulated failure"))
+
+    # resumed: finished stages are reused (no training, no teacher call); the failed one is retried
+    monkeypatch.setattr(pipeline, "run_rl", real_run_rl)
+    again = run_compare(cfg, "sft2,single_pair_dpo,anchor_grpo,judge_grpo", progress=False, resume=True)
+    assert again["teacher_calls_this_run"] == 0
+    redo = dict(zip(methods, again["rows"]))
+    assert all(redo[m]["value"] == rows[m]["value"] and redo[m]["seconds"] == rows[m]["seconds"]
+               for m in ("sft", "sft2", "single_pair_dpo", "judge_grpo"))
+    assert redo["anchor_grpo"]["error"] is None and redo["anchor_grpo"]["metric"] == "accuracy"

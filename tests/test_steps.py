@@ -68,6 +68,7 @@ def test_judge_calls_are_n_times_k_stored_and_never_paid_twice(tmp_path):
     recs = [Record(id=f"r{i}", prompt=f"What is {i} + 1?", reference=str(i + 1)) for i in range(3)]
     texts = ["7", "it is 7", "7 apples", "8"]
     groups = [hand_group(r, texts) for r in recs]
+    assert cfg.teacher.concurrency > 1   # the judgements of a group go out concurrently
     ctx = make_context(cfg, tcfg)
     try:
         rewards = [judge_rewards(g, ctx) for g in groups]
@@ -77,6 +78,13 @@ def test_judge_calls_are_n_times_k_stored_and_never_paid_twice(tmp_path):
     # oracle judge against the anchor "7": exact match 1, paraphrase frame stripped 1, F1 of
     # {"7","apples"} vs {"7"} = 2·(1/2)·1 / (1/2 + 1) = 2/3, wrong 0
     assert torch.allclose(rewards[0], torch.tensor([1.0, 1.0, 2 / 3, 0.0]))
+    # a candidate repeated within a group is judged once
+    again = make_context(cfg, tcfg)
+    try:
+        twice = judge_rewards(hand_group(Record(id="n", prompt="New?"), ["1", "2", "1"], anchor="1"), again)
+        assert torch.equal(twice, torch.tensor([1.0, 0.0, 1.0])) and again.teacher_calls == 2
+    finally:
+        again.close()
     with AnchorStore(tmp_path / "anchors.sqlite") as store:
         assert all(store.get_judgement(cfg.teacher, r, t, "7") is not None for r in recs for t in texts)
     again = make_context(cfg, tcfg)
@@ -220,7 +228,7 @@ def test_dpo_pairs_map_to_the_right_sequences(tiny):
         with s.reference():
             ref = s.token_logprobs(prefix, seqs).logp.sum(-1)
     want, _ = dpo_loss(pol[[0, 0]], pol[[1, 2]], ref[[0, 0]], ref[[1, 2]], 0.5)
-    assert m["pairs"] == 2.0 and float(loss) == pytest.approx(float(want), abs=1e-5)
+    assert m["pairs"] == 2.0 and float(loss.detach()) == pytest.approx(float(want), abs=1e-5)
     # best_worst: candidate 1 (r = 0.5) over candidate 2 (r = −2)
     loss, m = GROUP_LOSSES["anchor_rank_dpo"](s, g, tcfg, StepContext(0, 1, RankingConfig(pairs="best_worst")))
     with torch.no_grad():
@@ -228,7 +236,7 @@ def test_dpo_pairs_map_to_the_right_sequences(tiny):
         with s.reference():
             ref2 = s.token_logprobs(prefix, [cands[1], cands[2]]).logp.sum(-1)
     want, _ = dpo_loss(pol2[:1], pol2[1:], ref2[:1], ref2[1:], 0.5)
-    assert m["pairs"] == 1.0 and float(loss) == pytest.approx(float(want), abs=1e-5)
+    assert m["pairs"] == 1.0 and float(loss.detach()) == pytest.approx(float(want), abs=1e-5)
     # a margin threshold nothing passes: no pair, a zero loss that still backpropagates
     loss, m = GROUP_LOSSES["anchor_rank_dpo"](s, g, tcfg, StepContext(0, 1, RankingConfig(pair_margin=10.0)))
     assert m["pairs"] == 0.0 and float(loss) == 0.0
@@ -242,7 +250,7 @@ def test_single_pair_dpo_skips_a_sample_equal_to_the_anchor(tiny):
     assert m["pairs"] == 0.0 and float(loss) == 0.0
     g = hand_group(REC, ["8"], candidates=[s.encode_response("8")], prefix=s.prefix(REC.prompt))
     loss, m = GROUP_LOSSES["single_pair_dpo"](s, g, TrainConfig(objective="single_pair_dpo"), StepContext(0, 1, RankingConfig()))
-    assert m["pairs"] == 1.0 and float(loss) == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
+    assert m["pairs"] == 1.0 and float(loss.detach()) == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
 
 
 def test_tvkd_values_read_the_teacher_at_each_response_token(tiny):

@@ -122,10 +122,12 @@ def _merge_summary(run_dir: Path, result: dict) -> None:
     write_summary(run_dir, summary)
 
 
-def run_compare(cfg, objectives: str | list[str], progress: bool = True) -> dict:
+def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume: bool = False) -> dict:
     """Prepare once, SFT once, then each objective from the SFT adapter; returns the table as
     {"rows": [one per method, sft first], "anchor_calls", "teacher_calls_this_run", ...}.
 
+    With `resume`, stages an earlier run finished are reused and an unfinished one continues from its
+    newest checkpoint (pipeline's resume), so an interrupted comparison picks up where it stopped.
     An objective that fails with a user error (VlrlcdError) gets a row with `error` and the others still
     run; anything else propagates.
     """
@@ -140,7 +142,7 @@ def run_compare(cfg, objectives: str | list[str], progress: bool = True) -> dict
     anchors = _anchor_calls(prep)
     result = {"rows": [], "objectives": names, "anchor_calls": anchors, "teacher_calls_this_run": prep.teacher_calls,
               "train_prompts": len(prep.train), "eval_prompts": len(prep.eval), "seed": cfg.seed, "seconds": 0.0}
-    sft_adapter, sft_metrics = run_sft(prep, progress=progress)
+    sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=resume)
     result["rows"].append(method_row("sft", sft_metrics, anchors, run / "sft"))
     result["seconds"] = round(time.time() - t0, 1)
     write_tables(run, result)
@@ -148,7 +150,7 @@ def run_compare(cfg, objectives: str | list[str], progress: bool = True) -> dict
         if name == "sft":
             continue
         try:
-            _, metrics = run_rl(prep, sft_adapter, name, progress=progress)
+            _, metrics = run_rl(prep, sft_adapter, name, progress=progress, resume=resume)
             row = method_row(name, metrics, anchors, run / name)
         except VlrlcdError as e:
             row = {**{k: None for k in COLUMNS}, "method": name, "error": str(e)}

@@ -196,23 +196,32 @@ def anchor_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConf
 
 def judge_rewards(group: Group, ctx: StepContext) -> torch.Tensor | None:
     """The teacher's judgement in [0, 1] of each candidate against the anchor, through ctx.judge (stored,
-    never paid twice); None when a judgement failed after its retries (the group is skipped)."""
+    never paid twice), up to teacher.concurrency requests at a time; None when a judgement failed after
+    its retries (the group is then skipped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from vlrlcd.teacher.base import TeacherCallError
 
     if ctx.judge is None:
         raise VlrlcdError("judge_grpo needs the teacher judge: the loop must build its StepContext with "
                           "vlrlcd.training.steps.make_context(cfg)")
-    scores = []
-    for text in group.texts:
-        try:
-            scores.append(float(ctx.judge(group.record, text, group.anchor)))
-        except TeacherCallError as e:
-            if e.fatal or e.kind == "budget":
-                raise VlrlcdError(f"judge_grpo: the teacher judge stopped ({e}); raise teacher.max_calls or "
-                                  "fix the endpoint, then run again (stored judgements are reused)") from None
-            ctx.state["judge_failures"] = ctx.state.get("judge_failures", 0) + 1
-            return None
-    return torch.tensor(scores)
+    texts = list(dict.fromkeys(group.texts))   # a repeated candidate is asked about once
+    workers = max(1, min(len(texts), int(getattr(getattr(ctx.judge, "cfg", None), "concurrency", 1))))
+    ask = lambda text: float(ctx.judge(group.record, text, group.anchor))  # noqa: E731
+    try:
+        if workers == 1:
+            scores = [ask(t) for t in texts]
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
+                scores = list(pool.map(ask, texts))
+    except TeacherCallError as e:
+        if e.fatal or e.kind == "budget":
+            raise VlrlcdError(f"judge_grpo: the teacher judge stopped ({e}); raise teacher.max_calls or "
+                              "fix the endpoint, then run again (stored judgements are reused)") from None
+        ctx.state["judge_failures"] = ctx.state.get("judge_failures", 0) + 1
+        return None
+    by_text = dict(zip(texts, scores))
+    return torch.tensor([by_text[t] for t in group.texts])
 
 
 def judge_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
