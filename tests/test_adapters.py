@@ -129,20 +129,16 @@ def test_family_loads_samples_scores_and_steps(name, ckpts, images):
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_shared_prefix_logprobs_and_grads_equal_naive(name, ckpts, images):
-    """token_logprobs (prefix once, K continuations on the expanded cache) == each candidate as its own
-    full sequence through the processor and model (the model computing every position itself), for the
-    log-probs and for the gradients w.r.t. every LoRA tensor; the batched SFT path agrees too."""
-    student = load(ckpts[name])
-    randomize_lora(student, seed=2)
+def assert_shared_equals_naive(student, image: str | None) -> list[str]:
+    """token_logprobs and its gradients w.r.t. every trainable tensor == the naive per-candidate pass;
+    returns the names of the trainable tensors checked."""
     student.model.eval()
-    image = image_for(name, images, 1)
     responses = [student.encode_response(t) for t in ("red", "a blue square", "two circles and red")]
     assert len({len(r) for r in responses}) == 3  # ragged: padding is exercised
     weights = torch.Generator().manual_seed(0)
     w = [torch.rand(len(r), generator=weights) + 0.5 for r in responses]
-    params = list(lora_params(student).values())
+    named = [(n, p) for n, p in student.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
 
     prefix = student.prefix(PROMPT, image)
     shared = student.token_logprobs(prefix, responses)
@@ -157,15 +153,38 @@ def test_shared_prefix_logprobs_and_grads_equal_naive(name, ckpts, images):
         assert torch.allclose(shared.logp[k, : len(r)], naive[k], atol=1e-5, rtol=0)
         assert shared.mask[k].sum() == len(r) and (shared.logp[k, len(r):] == 0).all()
     assert loss_shared.abs() > 1.0  # not a vacuous comparison
-    nonzero = 0
-    for gs, gn in zip(grads_shared, grads_naive):
-        assert torch.allclose(gs, gn, atol=1e-5, rtol=1e-4), (gs - gn).abs().max()
-        nonzero += int(gs.abs().sum() > 0)
-    assert nonzero == len(params)
+    for (n, _), gs, gn in zip(named, grads_shared, grads_naive):
+        assert torch.allclose(gs, gn, atol=1e-5, rtol=1e-4), (n, (gs - gn).abs().max())
+        assert gs.abs().sum() > 0, n
 
     with torch.no_grad():
         batched = student.batch_token_logprobs([prefix] * len(responses), responses)
     assert torch.allclose(batched.logp, shared.logp.detach(), atol=1e-5, rtol=0)
+    return [n for n, _ in named]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shared_prefix_logprobs_and_grads_equal_naive(name, ckpts, images):
+    """token_logprobs (prefix once, K continuations on the expanded cache) == each candidate as its own
+    full sequence through the processor and model (the model computing every position itself), for the
+    log-probs and for the gradients w.r.t. every LoRA tensor; the batched SFT path agrees too."""
+    student = load(ckpts[name])
+    randomize_lora(student, seed=2)
+    checked = assert_shared_equals_naive(student, image_for(name, images, 1))
+    assert checked and all("lora_" in n for n in checked)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_trainable_projector_gets_the_same_gradients_through_the_one_vision_pass(name, ckpts, images):
+    """student.lora.train_projector: the projector is trained in full (a peft modules_to_save copy), the
+    vision tower stays frozen, and its gradient through the shared image features equals the naive one."""
+    cfg = StudentConfig(name_or_path=ckpts[name], lora=LoraConfig(r=4, alpha=8, train_projector=True))
+    student = load_student(cfg)
+    randomize_lora(student, seed=6)
+    checked = assert_shared_equals_naive(student, images[1])
+    projector = [n for n in checked if "modules_to_save" in n]
+    assert projector and all(student.family.projector in n for n in projector)
+    assert all("lora_" in n or n in projector for n in checked)
 
 
 @pytest.mark.parametrize("name", VLMS)
@@ -183,6 +202,45 @@ def test_text_prompt_after_image_prompt_on_a_vlm(name, ckpts, images):
         naive = naive_token_logprobs(student, "What is 2 + 3?", None, responses)
     for k, r in enumerate(responses):
         assert torch.allclose(text.logp[k, : len(r)], naive[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_greedy_sampling_on_the_shared_cache_follows_the_full_sequence_argmax(name, ckpts, images):
+    """sample() steps on the expanded cache with its own positions: each greedy token is the argmax of the
+    model's full-sequence logits at that step (positions of sampled tokens are right too)."""
+    from vlrlcd.adapters.naive import naive_inputs
+
+    student = load(ckpts[name])
+    randomize_lora(student, seed=8, std=1.0)
+    student.model.eval()
+    image = image_for(name, images, 1)
+    with torch.no_grad():
+        seqs = student.sample(student.prefix(PROMPT, image), 2, 6, temperature=0.0)
+        assert seqs[0] == seqs[1] and len(seqs[0]) >= 2
+        inputs, P = naive_inputs(student, PROMPT, image, seqs[0])
+        logits = student.model(**inputs).logits[0, P - 1: P - 1 + len(seqs[0])]
+    chosen = logits.gather(-1, torch.tensor(seqs[0])[:, None])[:, 0]
+    assert (chosen >= logits.max(-1).values - 1e-4).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "llava_next", "qwen2_5_vl"])
+def test_continuation_logits_equal_naive(name, ckpts, images):
+    """continuation_logits (what a white-box teacher's token values read) == the full-sequence logits after
+    each response token."""
+    from vlrlcd.adapters.naive import naive_inputs
+
+    student = load(ckpts[name])
+    randomize_lora(student, seed=7)
+    student.model.eval()
+    image = image_for(name, images, 1)
+    responses = [student.encode_response("red"), student.encode_response("a blue square")]
+    with torch.no_grad():
+        logits, mask = student.continuation_logits(student.prefix(PROMPT, image), responses)
+        for k, r in enumerate(responses):
+            inputs, P = naive_inputs(student, PROMPT, image, r)
+            full = student.model(**inputs).logits[0, P: P + len(r)]
+            assert torch.allclose(logits[k, : len(r)], full, atol=1e-5)
+            assert mask[k].sum() == len(r)
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])

@@ -166,10 +166,23 @@ class StudentAdapter:
         if T == 1:
             logp = first
         else:
-            out = self.model(input_ids=ids[:, :-1], past_key_values=expand_cache(cache, K), use_cache=True,
-                             **self._positions(prefix, K, 0, T - 1))
-            logp = torch.cat([first, _logprobs_of(out.logits, ids[:, 1:])], dim=1)
+            logits = self._continue(prefix, cache, ids[:, :-1]).logits
+            logp = torch.cat([first, _logprobs_of(logits, ids[:, 1:])], dim=1)
         return TokenLogprobs(logp * mask, mask, ids)
+
+    def _continue(self, prefix: Prefix, cache, ids: torch.Tensor):
+        """Feed `ids` [K, L] right after the prefix, as one batch on its K-fold expanded cache."""
+        K, L = ids.shape
+        return self.model(input_ids=ids, past_key_values=expand_cache(cache, K), use_cache=True,
+                          **self._positions(prefix, K, 0, L))
+
+    def continuation_logits(self, prefix: Prefix, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits after each response token on the shared prefix: ([K, T, V], row t is the distribution after
+        y_1..y_t), and the [K, T] mask of real tokens. The prefix runs once; positions are right for every
+        family (use this rather than running a continuation by hand)."""
+        ids, mask = self._pad(responses)
+        cache, _ = self._prefix_forward(prefix)
+        return self._continue(prefix, cache, ids).logits, mask
 
     def batch_token_logprobs(self, prefixes: list[Prefix], responses: list[list[int]]) -> TokenLogprobs:
         """log π(y_t | x_i, y_<t) for (prefix_i, response_i) pairs of different prompts in one right-padded
