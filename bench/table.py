@@ -1,0 +1,72 @@
+"""The results as markdown tables (printed, and written beside results.json)."""
+
+from __future__ import annotations
+
+
+def _f(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def step_table(rows: list[dict]) -> str:
+    head = ("| student | prompt tokens (image) | K | vlrlcd s/step | TRL s/step | vlrlcd / TRL median "
+            "| IQR | min–max | vision images / prompt / step: vlrlcd | TRL |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['name']} | | {r.get('k', '')} | {r.get('error') or r.get('skipped')} | | | | | | |")
+            continue
+        image = f" ({r['image_tokens']})" if r["image_tokens"] else ""
+        vis_o = _f(r["ours_vision_per_prompt"], 1) if r["image_tokens"] else "–"
+        vis_t = _f(r["trl_vision_per_prompt"], 1) if r["image_tokens"] else "–"
+        lines.append(
+            f"| {r['name']} | {r['prompt_tokens']}{image} | {r['k']} | {_f(r['ours_s'])} | {_f(r['trl_s'])} "
+            f"| **{_f(r['ratio_median'])}** | {_f(r['ratio_q1'])}–{_f(r['ratio_q3'])} "
+            f"| {_f(r['ratio_min'])}–{_f(r['ratio_max'])} | {vis_o} | {vis_t} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(m: dict) -> str:
+    if "error" in m:
+        return f"memory: {m['error']}"
+    a, b = m["none"], m["4bit"]
+    ratio = lambda key: _f(b[key] / a[key]) if a.get(key) and b.get(key) else "–"  # noqa: E731
+    lines = [
+        f"| one LDL-GRPO step, {a['params'] / 1e6:.0f}M-parameter text student | fp32 + LoRA | 4-bit + LoRA | 4-bit / fp32 |",
+        "|---|---|---|---|",
+        f"| peak RSS during the step (MB) | {_f(a['step_peak_rss_mb'], 0)} | {_f(b['step_peak_rss_mb'], 0)} "
+        f"| {ratio('step_peak_rss_mb')} |",
+        f"| of which above the imported runtime (MB) | {_f(a['step_peak_above_runtime_mb'], 0)} "
+        f"| {_f(b['step_peak_above_runtime_mb'], 0)} | {ratio('step_peak_above_runtime_mb')} |",
+        f"| peak RSS of the whole process, loading included (MB) | {_f(a['process_peak_rss_mb'], 0)} "
+        f"| {_f(b['process_peak_rss_mb'], 0)} | {ratio('process_peak_rss_mb')} |",
+        f"| student weights in memory (MB) | {_f(a['weight_mb'], 0)} | {_f(b['weight_mb'], 0)} | {ratio('weight_mb')} |",
+        f"| step seconds | {_f(a['step_s'][-1], 1)} | {_f(b['step_s'][-1], 1)} | |",
+    ]
+    return "\n".join(lines)
+
+
+def teacher_table(t: dict) -> str:
+    if "error" in t:
+        return f"teacher calls: {t['error']}"
+    n, k = t["n_prompts"], t["k"]
+    a, b = t["ldl_grpo"], t["judge_grpo"]
+    return "\n".join([
+        f"| teacher calls, N = {n} prompts, K = {k}, one epoch | LDL-GRPO | teacher-as-judge (judge_grpo) | ratio |",
+        "|---|---|---|---|",
+        f"| anchors (once per prompt, stored) | {a['anchor_calls']} | {b['anchor_calls']} | |",
+        f"| during RL | {a['rl_calls']} | {b['rl_calls']} (N·K = {n * k}) | |",
+        f"| method's teacher cost | **{a['total']}** (N) | **{b['rl_calls']}** judgements (N·K) | **{_f(t['ratio'])}** |",
+        f"| a re-run over the same prompts (anchors) | {a['rerun_anchor_calls']} | {b['rerun_anchor_calls']} | |",
+    ])
+
+
+def report(results: dict) -> str:
+    parts = [f"machine: {results['machine']['line']}", f"command: {results['command']}", "",
+             step_table(results["step_time"])]
+    if "memory" in results:
+        parts += ["", memory_table(results["memory"])]
+    if "teacher_calls" in results:
+        parts += ["", teacher_table(results["teacher_calls"])]
+    parts += ["", f"total wall time: {results['wall_s']:.0f} s"]
+    return "\n".join(parts)
