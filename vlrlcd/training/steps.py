@@ -29,6 +29,8 @@ from vlrlcd.ranking.scorers import scoring_prompt
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rollout import Group, has_verifier
 
+LossOut = tuple[torch.Tensor, dict]   # (loss attached to the graph, metrics)
+
 
 @dataclass
 class StepContext:
@@ -99,7 +101,7 @@ def _with_reward_stats(metrics: dict, rewards: torch.Tensor) -> dict:
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0}
 
 
-def _grpo(student: StudentAdapter, group: Group, rewards: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+def _grpo(student: StudentAdapter, group: Group, rewards: torch.Tensor, cfg: TrainConfig) -> LossOut:
     """GRPO on the group's K candidates with group-normalised advantages of `rewards` [K]."""
     policy = student.token_logprobs(group.prefix, group.candidates)
     ref = _reference_logp(student, group.prefix, group.candidates)[None] if cfg.beta != 0 else None
@@ -139,14 +141,14 @@ def _ranked_pairs(group: Group, rcfg: RankingConfig) -> list[tuple[int, int, int
     return preference_pairs(group.margins[None], rcfg.pairs, rcfg.pair_margin)
 
 
-def _no_pair(student: StudentAdapter) -> tuple[torch.Tensor, dict]:
+def _no_pair(student: StudentAdapter) -> LossOut:
     """No preference pair in this group (all candidates tie, or the sample is the anchor): zero loss."""
     return _zero_loss(student), {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "pairs": 0.0,
                                  "tokens": 0.0}
 
 
 # ------------------------------------------------------------------ objectives
-def ldl_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def ldl_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """KL(D_x ‖ q_θ) + β·KL(π_θ ‖ π_sft) for one group; the reference is an adapter switch."""
     policy = student.token_logprobs(group.prefix, group.candidates)
     ref = _reference_logp(student, group.prefix, group.candidates)[None] if cfg.beta != 0 else None
@@ -154,7 +156,7 @@ def ldl_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig,
                          cfg.length_normalize)
 
 
-def sft2_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def sft2_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """SFT→SFT: stage II is more SFT on the anchor, in the answer and the scoring format as in stage I
     (mean token NLL; one batched forward, the prompt's image features reused)."""
     target = student.encode_response(group.anchor)
@@ -164,7 +166,7 @@ def sft2_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx
     return sft_loss(tl.logp, tl.mask)
 
 
-def single_pair_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def single_pair_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """DPO with the anchor chosen and the one student sample rejected (skipped when they are the same)."""
     anchor_ids = student.encode_response(group.anchor)
     if not group.candidates or student.decode(group.candidates[0]) == student.decode(anchor_ids):
@@ -175,7 +177,7 @@ def single_pair_dpo_group_loss(student: StudentAdapter, group: Group, cfg: Train
     return loss, {**m, "tokens": float(pb.mask.sum())}
 
 
-def anchor_rank_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def anchor_rank_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """DPO on the pairs the anchor-conditioned ranking induces (ranking.pairs, ranking.pair_margin)."""
     pairs = _ranked_pairs(group, ctx.ranking)
     if not pairs:
@@ -186,7 +188,7 @@ def anchor_rank_dpo_group_loss(student: StudentAdapter, group: Group, cfg: Train
     return loss, {**m, "tokens": float(pb.mask.sum())}
 
 
-def anchor_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def anchor_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """GRPO with reward r_k = the frozen SFT model's anchor-conditioned margin (rollout scores under
     the reference adapter for this objective), group-normalised advantages."""
     if not group.ranked:
@@ -224,7 +226,7 @@ def judge_rewards(group: Group, ctx: StepContext) -> torch.Tensor | None:
     return torch.tensor([by_text[t] for t in group.texts])
 
 
-def judge_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def judge_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """GRPO with reward = the teacher judging each of the K candidates (N·K calls over N prompts, stored)."""
     rewards = judge_rewards(group, ctx)
     if rewards is None:
@@ -232,7 +234,7 @@ def judge_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfi
     return _grpo(student, group, rewards, cfg)
 
 
-def self_ppo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def self_ppo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """PPO-clip on one sample, reward = the student's own score of it without the anchor, advantage
     A = R − b against the running baseline b in ctx.state (updated after use). No teacher signal."""
     if group.scores is None or len(group.candidates) != 1:
@@ -259,7 +261,7 @@ def rlsd_rewards(group: Group) -> torch.Tensor:
     return group.margins.float()
 
 
-def rlsd_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def rlsd_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """RLSD (arXiv 2604.03128): group advantages from the reward set the direction; per-token magnitude
     w_t from Δ_t = log p(y_t | x, anchor in context) − log p(y_t | x) (the same student, no gradient);
     λ decays linearly from rlsd_lambda0 to 0 over rlsd_decay_steps (default: the whole stage)."""
@@ -340,7 +342,7 @@ def cached_token_values(student: StudentAdapter, group: Group, responses: list[l
     return [memo[k] for k in keys]
 
 
-def tvkd_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+def tvkd_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """TVKD (arXiv 2509.16965): DPO on the ranking's pairs whose rewards subtract (1 − γ_s)·Σ_t V_T(s_{t+1})
     from a white-box teacher's token values (computed once per response, kept in ctx.cache)."""
     cfg.require_tvkd_teacher()
