@@ -13,7 +13,7 @@ def step_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['name']} | | {r.get('k', '')} | {r.get('error') or r.get('skipped')} | | | | | | |")
+            lines.append(f"| {r['name']} | – | {r.get('k', '–')} | {r.get('error') or r.get('skipped')} | | | | | | |")
             continue
         image = f" ({r['image_tokens']})" if r["image_tokens"] else ""
         vis_o = _f(r["ours_vision_per_prompt"], 1) if r["image_tokens"] else "–"
