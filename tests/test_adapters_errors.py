@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from vlrlcd.adapters.config import LoraConfig, StudentConfig, TinyConfig
@@ -17,6 +18,15 @@ TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, int
                   vision_hidden_size=32, vision_layers=1)
 PROMPT = "What color is the shape?"
 TEXT_ONLY_TEMPLATE = CHAT_TEMPLATE.replace("{{ '<image>\n' }}", "")  # drops {'type': 'image'} parts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
