@@ -76,10 +76,6 @@ def randomize_lora(student, seed: int = 0, std: float = 0.3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def lora_params(student) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in student.model.named_parameters() if "lora_" in n}
-
-
 def image_for(name: str, images: list[str], i: int = 0) -> str | None:
     return images[i] if name in VLMS else None
 

@@ -19,8 +19,7 @@ from vlrlcd.training.steps import GROUP_LOSSES, StepContext
 
 bnb = pytest.importorskip("bitsandbytes")
 
-# bitsandbytes' CPU 4-bit kernels need in_features >= its 64-element block: hidden 64, not 32
-TINY = TinyConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
+TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                   vision_hidden_size=32, vision_layers=1)
 PROMPT = "What color is the shape?"
 

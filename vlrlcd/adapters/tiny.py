@@ -212,8 +212,10 @@ def build_tiny_qwen2_vl(out_dir: str | Path, corpus: list[str], tiny: TinyConfig
     """Save a tiny random Qwen2-VL (`variant="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`) student and its
     processor to `out_dir`.
 
-    Images are resized to 56x56 (min = max pixels): a 4x4 patch grid, 2x2 merged tokens, so the 3-D
-    (mrope) positions of the image differ from plain 1-D positions and any mistake in them shows."""
+    Patches are 14 px (Qwen's own; `tiny.patch_size` is for the CLIP towers), merged 2x2. Images are resized
+    to about `tiny.image_size` px a side, at least 56 (28 * round(image_size / 28)): for the default 32, a
+    4x4 patch grid = 2x2 merged tokens, so the 3-D (mrope) positions of the image differ from plain 1-D
+    positions and any mistake in them shows."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     if variant not in ("qwen2_vl", "qwen2_5_vl"):
@@ -252,7 +254,8 @@ def build_tiny_qwen2_vl(out_dir: str | Path, corpus: list[str], tiny: TinyConfig
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
     model = Model(config)
-    pixels = 56 * 56
+    side = max(56, 28 * round(t.image_size / 28))
+    pixels = side * side
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14,
                                             merge_size=2, temporal_patch_size=2)
     video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14,
