@@ -30,6 +30,9 @@ class TinyConfig:
     vision_layers: int = 2
     image_size: int = 32
     patch_size: int = 8
+    pretrain_examples: int = 0        # >0: pretrain every weight on generic data first (see training/pretrain.py)
+    pretrain_epochs: float = 2.0
+    pretrain_lr: float = 0.003
 
 
 @dataclass
