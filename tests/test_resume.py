@@ -174,3 +174,20 @@ def test_checkpoints_are_atomic_pruned_and_cleared_by_a_fresh_run(tmp_path):
     assert all(torch.equal(p, saved[n]) for n, p in student.model.named_parameters())
     ckpt.clear_checkpoints(stage)
     assert ckpt.latest_checkpoint(stage) is None
+
+
+def test_a_finished_stage_is_reused_only_from_the_same_start(tmp_path):
+    from vlrlcd.pipeline import STAGE_FILE, finished_stage, start_key
+
+    sft, rl = tmp_path / "sft", tmp_path / "rl"
+    (sft / "adapter").mkdir(parents=True)
+    (sft / "adapter" / "adapter_config.json").write_text("{}")
+    (sft / "adapter" / "adapter_model.safetensors").write_bytes(b"weights v1")
+    (rl / "adapter").mkdir(parents=True)
+    (rl / "adapter" / "adapter_config.json").write_text("{}")
+    key = start_key(sft / "adapter", 0)
+    (rl / STAGE_FILE).write_text(json.dumps({"done": True, "start": key, "metrics": {"accuracy": 0.5}}))
+    assert finished_stage(rl, key)["metrics"] == {"accuracy": 0.5}
+    (sft / "adapter" / "adapter_model.safetensors").write_bytes(b"weights v2")  # SFT was trained again
+    assert finished_stage(rl, start_key(sft / "adapter", 0)) is None
+    assert start_key(None, 0) != start_key(None, 1)

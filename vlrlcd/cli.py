@@ -31,7 +31,8 @@ def cmd_anchors(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, student_config, write_summary
+    from vlrlcd.pipeline import (format_table, prepare, reset_stages, run_rl, run_sft, student_config,
+                                 write_summary)
     from vlrlcd.training.distributed import setup_distributed
     from vlrlcd.training.session import TrainingInterrupted
 
@@ -42,6 +43,8 @@ def cmd_train(args) -> int:
         prep = prepare(cfg, progress=progress and dist.is_main, dist=dist)
         with dist.main_first():
             student_config(prep)  # a tiny student is built once, by process 0
+            if dist.is_main and not args.resume:
+                reset_stages(cfg, ["sft", cfg.train.objective])
         sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=args.resume, dist=dist)
         methods = {"sft": sft_metrics}
         if cfg.train.objective != "sft":
@@ -50,8 +53,9 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as e:
         if dist.is_main:
             again = " ".join(["vlrlcd train", args.config, *args.overrides, "--resume"])
+            launcher = " (under the same torchrun / accelerate launch)" if dist.multi else ""
             print(f"interrupted: {e.stage} stopped after step {e.step}; checkpoint saved in {e.checkpoint}\n"
-                  f"continue with: {again}", file=sys.stderr)
+                  f"continue with{launcher}: {again}", file=sys.stderr)
         return 130
     finally:
         dist.close()

@@ -8,6 +8,7 @@ Run directory layout (what `vlrlcd report` reads):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import nullcontext
@@ -112,15 +113,38 @@ def _eval(student, prep: Prepared, out: Path, progress: bool) -> dict:
     return {res.metric: res.value, "n": res.n}
 
 
-def finished_stage(stage_dir: Path) -> dict | None:
-    """The record of a stage finished by an earlier run (its adapter saved and evaluated), else None."""
+def start_key(init_adapter: Path | None, seed: int) -> str:
+    """What a stage starts from: a fresh (seeded) adapter, or the exact bytes of an earlier stage's adapter."""
+    if init_adapter is None:
+        return f"fresh-seed-{seed}"
+    weights = Path(init_adapter) / "adapter_model.safetensors"
+    if not weights.exists():
+        return str(init_adapter)
+    return hashlib.sha1(weights.read_bytes()).hexdigest()[:16]
+
+
+def finished_stage(stage_dir: Path, start: str | None = None) -> dict | None:
+    """The record of a stage an earlier run finished (adapter saved and evaluated) from the same start
+    (`start_key`), else None."""
     path = stage_dir / STAGE_FILE
     if not path.exists() or not (stage_dir / "adapter" / "adapter_config.json").exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        done = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    return done if start is None or done.get("start") == start else None
+
+
+def reset_stages(cfg: Config, names: list[str]) -> None:
+    """Forget earlier runs' progress in these stages (finished marks, checkpoints): a run started without
+    --resume must never be resumed into an older run's stages later."""
+    from vlrlcd.training.checkpoint import clear_checkpoints
+
+    for name in names:
+        stage = Path(cfg.run_dir) / name
+        (stage / STAGE_FILE).unlink(missing_ok=True)
+        clear_checkpoints(stage)
 
 
 def _prior_seconds(stage_dir: Path, resume: bool) -> float:
@@ -132,12 +156,12 @@ def _prior_seconds(stage_dir: Path, resume: bool) -> float:
 
 
 def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist | None",
-               progress: bool) -> tuple[Path, dict]:
+               progress: bool, start: str) -> tuple[Path, dict]:
     """Load the student, train it (`train(student)`), save and evaluate on process 0, mark the stage done.
     With `resume`, a finished stage is reused as it is and an unfinished one continues from its newest
     checkpoint."""
     main = dist is None or dist.is_main
-    done = finished_stage(out) if resume else None
+    done = finished_stage(out, start) if resume else None
     if done is not None:
         if main:
             print(f"{out.name}: finished by an earlier run; using {out / 'adapter'}", flush=True)
@@ -152,7 +176,7 @@ def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist
         student.save(adapter)
         metrics = {**_eval(student, prep, out, progress), "seconds": round(time.time() - t0 + prior, 1)}
         tmp = out / (STAGE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"done": True, "metrics": metrics}, indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps({"done": True, "start": start, "metrics": metrics}, indent=1), encoding="utf-8")
         tmp.replace(out / STAGE_FILE)
     if dist is not None:
         dist.barrier()
@@ -174,10 +198,12 @@ def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init
         return load_student(student_config(prep), adapter=init_adapter)
 
     def train(student):
-        train_sft(student, sft_items(prep.train, prep.anchors), cfg.train, Path(cfg.run_dir) / name, cfg.seed,
-                  epochs, progress, resume=resume, dist=dist)
+        items = sft_items(prep.train, prep.anchors, copy_pairs=cfg.train.sft_copy_pairs, seed=cfg.seed)
+        train_sft(student, items, cfg.train, Path(cfg.run_dir) / name, cfg.seed, epochs, progress, resume=resume,
+                  dist=dist)
 
-    return _run_stage(prep, Path(cfg.run_dir) / name, train, load, resume, dist, progress)
+    return _run_stage(prep, Path(cfg.run_dir) / name, train, load, resume, dist, progress,
+                      start_key(init_adapter, cfg.seed))
 
 
 def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = None,
@@ -202,7 +228,7 @@ def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = Non
         finally:
             ctx.close()
 
-    return _run_stage(prep, out, train, load, resume, dist, progress)
+    return _run_stage(prep, out, train, load, resume, dist, progress, start_key(sft_adapter, cfg.seed))
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:

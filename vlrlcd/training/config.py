@@ -17,6 +17,7 @@ class TrainConfig:
     sft_epochs: float = 3.0            # stage I passes over the anchors
     sft_lr: float = 1e-3
     sft_batch_size: int = 16
+    sft_copy_pairs: int = 0            # extra scoring-format pairs per record that teach reading the reference
     rl_steps: int = 40                 # stage II optimizer steps
     lr: float = 2e-4
     batch_size: int = 8                # prompts per RL step

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -118,8 +119,17 @@ class Dist:
 
 
 def single_process(mixed_precision: str = "no") -> Dist:
+    mixed_precision = effective_mixed_precision(mixed_precision)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     return Dist(0, 1, device, mixed_precision)
+
+
+def effective_mixed_precision(configured: str) -> str:
+    """train.mixed_precision, or when that is "no", what `accelerate launch --mixed_precision` asked for."""
+    if configured != "no":
+        return configured
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return launcher if launcher in _AMP_DTYPES else "no"
 
 
 def launched_world_size() -> int:
@@ -132,8 +142,8 @@ def setup_distributed(mixed_precision: str = "no") -> Dist:
 
     Several processes: the process group comes from accelerate (`Accelerator(cpu=True)` when there is no
     GPU: a plain Accelerator on CPU silently trains every process on its own). FSDP and DeepSpeed launch
-    configs are refused with a pointer to the DDP ones: the LoRA weights are small, every process holds
-    the full student, and sharding would hide the parameters the StudentAdapter calls directly.
+    configs are refused (see _SHARDED_MSG): every process holds the whole student (QLoRA when it is big)
+    and only the small LoRA gradients travel.
     """
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
             os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
@@ -141,19 +151,23 @@ def setup_distributed(mixed_precision: str = "no") -> Dist:
     if launched_world_size() <= 1:
         return single_process(mixed_precision)
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # process 0 evaluates alone after each stage while the others wait at a barrier: allow a long wait
+    timeout = timedelta(seconds=float(os.environ.get("VLRLCD_DIST_TIMEOUT_S", 6 * 3600)))
+    acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     if acc.num_processes != launched_world_size():
         raise VlrlcdError(
             f"the launcher started {launched_world_size()} processes but accelerate sees {acc.num_processes}; "
             "on CPU launch with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N "
             "--num_machines 1 --mixed_precision no --dynamo_backend no` (ACCELERATE_USE_CPU=true)"
         )
-    return Dist(acc.process_index, acc.num_processes, acc.device, mixed_precision, acc)
+    return Dist(acc.process_index, acc.num_processes, acc.device, effective_mixed_precision(mixed_precision), acc)
 
 
 _SHARDED_MSG = (
-    "this accelerate launch config asks for FSDP / DeepSpeed sharding, which the vlrlcd loop does not use: "
-    "launch with configs/accelerate/ddp_gpu.yaml (or ddp_cpu.yaml); for models that do not fit one device "
-    "use student.quantization=4bit (QLoRA)"
+    "this accelerate launch config asks for FSDP / DeepSpeed, which the vlrlcd loop does not run: each process "
+    "samples its own prompts for a different number of decoding steps and backward passes, while sharded weights "
+    "need every process in the same forward/backward in lockstep. Launch with configs/accelerate/ddp_gpu.yaml "
+    "(or ddp_cpu.yaml); when the student does not fit one device, load it in 4 bits (student.quantization=4bit)"
 )

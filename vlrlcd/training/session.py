@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -58,6 +59,7 @@ class Session:
         self.start_step = 0
         self.loop_state: dict[str, Any] = {}
         self.resumed_from: Path | None = None
+        self.start_digest = ""
         self.last_saved: Path | None = None
         self._elapsed0 = 0.0
         self._t0 = time.time()
@@ -92,13 +94,20 @@ class Session:
             if self.dist.is_main:
                 ckpt.clear_checkpoints(self.out)
                 self.log_file.path.unlink(missing_ok=True)
+                shutil.rmtree(self.out / "tb", ignore_errors=True)
             self.dist.barrier()
             self.dist.broadcast_parameters(self.params)
+            self.start_digest = _digest(self.params)
             return
+        self.start_digest = _digest(self.params)
         state = ckpt.load_checkpoint(latest, self.student, self.opt, self.sched)
         if state.get("data_digest", "") != self.data_digest:
             raise VlrlcdError(f"{latest}: the training data or its order changed since this checkpoint (another "
                               "data / seed / batch setting?); start again without --resume")
+        if state.get("start_digest", self.start_digest) != self.start_digest:
+            raise VlrlcdError(f"{latest}: this stage now starts from other weights than the run that wrote the "
+                              "checkpoint (was the previous stage trained again?); start again without --resume")
+        self.start_digest = state.get("start_digest", self.start_digest)
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
         self.start_step = int(state["step"])
@@ -183,7 +192,8 @@ class Session:
         path = None
         if self.dist.is_main:
             state = {"step": step, "rows": self.rows, "bad": self.bad, "elapsed": self.elapsed(), "rng": rngs,
-                     "data_digest": self.data_digest, "loop": loops, "world": self.dist.world}
+                     "data_digest": self.data_digest,
+                     "start_digest": self.start_digest, "loop": loops, "world": self.dist.world}
             meta = {"stage": self.stage, "world": self.dist.world, "elapsed": round(self.elapsed(), 3),
                     "rank_digests": digests,
                     "resumed_from": str(self.resumed_from) if self.resumed_from else None}

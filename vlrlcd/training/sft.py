@@ -34,14 +34,25 @@ class SFTItem:
     pairs: list[tuple[str, str]]
 
 
-def sft_items(records: list[Record], anchors: dict[str, str], scoring_format: bool = True) -> list[SFTItem]:
-    """Training pairs from the records that have an anchor (the rest are skipped)."""
+def sft_items(records: list[Record], anchors: dict[str, str], scoring_format: bool = True,
+              copy_pairs: int = 0, seed: int = 0) -> list[SFTItem]:
+    """Training pairs from the records that have an anchor (the rest are skipped).
+
+    `copy_pairs` adds, per record, scoring-format pairs whose reference is another record's anchor and
+    whose target is that reference: they teach a student that has never read a reference from its
+    context (a tiny one trained from scratch) to follow it, so that g(x, a, y) measures agreement with
+    `a` rather than the student's prior. A pretrained instruct student needs none (the default)."""
+    pool = sorted(set(anchors.values()))
+    rng = random.Random(seed)
     items = []
     for r in records:
         a = anchors.get(r.id)
         if a is None:
             continue
         pairs = [(r.prompt, a)] + ([(scoring_prompt(r.prompt, a), a)] if scoring_format else [])
+        for _ in range(copy_pairs if scoring_format and len(pool) > 1 else 0):
+            other = rng.choice([x for x in pool if x != a] or pool)
+            pairs.append((scoring_prompt(r.prompt, other), other))
         items.append(SFTItem(r.id, r.image, pairs))
     return items
 
@@ -100,7 +111,7 @@ def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, o
     scaler = dist.grad_scaler()
     data_digest = digest([it.id for it in order[: len(items)]] + [f"batch={bs}", f"seed={seed}"])
     if cfg.gradient_checkpointing:
-        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(student.model, True)
     try:
         with Session("sft", out_dir, cfg, dist, student, params, opt, sched, total_steps, resume, progress,
                      data_digest) as session:
@@ -138,9 +149,23 @@ def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, o
             session.finish(dict)
     finally:
         if cfg.gradient_checkpointing:
-            student.model.gradient_checkpointing_disable()
+            set_activation_checkpointing(student.model, False)
         student.model.eval()
     return session.rows
+
+
+def set_activation_checkpointing(model, on: bool) -> None:
+    """transformers' activation (gradient) checkpointing on or off: recompute each decoder layer in backward
+    (non-reentrant, so frozen inputs with a LoRA inside work). transformers 5 name first, 4.x name otherwise."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 def _chunks(items: list, n: int) -> list[list]:
