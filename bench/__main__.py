@@ -51,7 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up pairs dropped (default 1)")
     p.add_argument("--reps", type=int, default=None, help="measured A/B pairs per row (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see bench/README.md)")
-    p.add_argument("--budget-s", type=float, default=1080, help="skip remaining step rows after this many seconds")
+    p.add_argument("--budget-s", type=float, default=1000,
+                   help="start no further step-time row after this many seconds (default 1000: make bench < 20 min)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-teacher", action="store_true")
     p.add_argument("--out", default=None, help="results JSON (default bench/results.json; --quick: a temp file)")
@@ -90,6 +91,25 @@ def main(argv: list[str] | None = None) -> dict:
                      "step_time": []}
     log = lambda msg: print(f"[bench {time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="vlrlcd-bench-") as work:
+        # Fixed-cost parts first, so the time budget can only cut step-time rows (the last, largest ones).
+        if not a.no_teacher:
+            n, k = (2, 2) if a.quick else (8, 4)
+            results["teacher_calls"] = teacher_calls.count_calls(n, k, batch=2 if a.quick else 4,
+                                                                 max_new_tokens=4 if a.quick else 8, work_dir=work)
+            log(f"teacher calls: {json.dumps(results['teacher_calls'])}")
+        if not a.no_memory:
+            log("memory: building the text student")
+            try:
+                path = build_text_small(work) if a.quick else build_text_100m(work)
+                results["memory"] = {
+                    name: memory.run_isolated(path, q, max_new_tokens=8 if not a.quick else 4, threads=a.threads,
+                                              env=env)
+                    for name, (q, env) in memory.settings().items()}
+                results["memory"]["settings"] = {"k": 4, "batch": 2, "max_new_tokens": 8 if not a.quick else 4,
+                                                 "fixed_mmap_env": memory.FIXED_MMAP_THRESHOLD}
+            except Exception as e:
+                results["memory"] = {"error": f"{type(e).__name__}: {str(e)[-500:]}"}
+            log(f"memory: {json.dumps(results['memory'])[:400]}")
         for name in a.configs:
             arch, tiny = CONFIGS[name]
             try:
@@ -101,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             for k in a.ks:
                 if time.perf_counter() - t0 > a.budget_s:
                     results["step_time"].append({"name": name, "k": k, "skipped": "time budget"})
+                    log(f"{name} K={k}: skipped (--budget-s {a.budget_s:.0f} spent)")
                     continue
                 spec = step_time.RowSpec(arch, k, batch=a.batch, max_new_tokens=a.max_new_tokens, warmup=a.warmup,
                                          reps=a.reps)
@@ -109,20 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"{name} K={k}: vlrlcd {row['ours_s']:.2f}s TRL {row['trl_s']:.2f}s ratio "
                     f"{row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] vision/prompt "
                     f"{row['ours_vision_per_prompt']} vs {row['trl_vision_per_prompt']}")
-        if not a.no_memory:
-            log("memory: building the text student")
-            try:
-                path = build_text_small(work) if a.quick else build_text_100m(work)
-                results["memory"] = {q: memory.run_isolated(path, q, max_new_tokens=8 if not a.quick else 4,
-                                                            threads=a.threads) for q in ("none", "4bit")}
-            except Exception as e:
-                results["memory"] = {"error": f"{type(e).__name__}: {str(e)[-500:]}"}
-            log(f"memory: {json.dumps(results['memory'])[:300]}")
-        if not a.no_teacher:
-            n, k = (2, 2) if a.quick else (8, 4)
-            results["teacher_calls"] = teacher_calls.count_calls(n, k, batch=2 if a.quick else 4,
-                                                                 max_new_tokens=4 if a.quick else 8, work_dir=work)
-            log(f"teacher calls: {json.dumps(results['teacher_calls'])}")
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     text = report(results)

@@ -4,7 +4,7 @@ Each setting runs in its own process (`python -m bench.memory MODEL_DIR --quanti
 cannot inherit the other's allocations. The process loads the student, frees what loading left behind,
 resets the kernel's peak-RSS mark (/proc/self/clear_refs, "5"), runs warm-up + measured RL steps and reads
 the peak back (VmHWM): the memory the RL step itself needs, weights included, loading spikes excluded.
-The peak over the whole process (loading included) is reported beside it, and the RSS of the imported
+The peak while loading is reported beside it, and the RSS of the imported
 runtime (torch, transformers, peft: about 1 GB, mostly shared libraries) before the student is loaded, so
 the part the student and its step add can be read off. The checkpoint is stored in bf16 so that both
 settings convert it on load into their own memory: a checkpoint already in the compute dtype would be
@@ -18,7 +18,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +34,18 @@ def _status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
+
+
+# glibc raises its mmap threshold to the largest freed block (up to 32 MB), after which bitsandbytes' per-call
+# fp32 dequantisation buffers on CPU (one full weight matrix per 4-bit linear, forward and backward) are
+# carved from the heap and kept there; a fixed threshold hands every such buffer back to the kernel.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def settings() -> dict[str, tuple[str, dict]]:
+    """Memory settings measured: name -> (quantization, extra environment)."""
+    return {"fp32": ("none", {}), "4bit": ("4bit", {}),
+            "fp32_fixed_mmap": ("none", FIXED_MMAP_THRESHOLD), "4bit_fixed_mmap": ("4bit", FIXED_MMAP_THRESHOLD)}
 
 
 def reset_peak() -> bool:
@@ -73,6 +84,7 @@ def measure(model_dir: str, quantization: str, k: int, batch: int, max_new_token
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in step.params)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    load_peak = _status_kb("VmHWM")   # VmHWM starts at exec; ru_maxrss would carry the parent's peak over
     _release()
     after_load = _status_kb("VmRSS")
     resettable = reset_peak()
@@ -84,20 +96,22 @@ def measure(model_dir: str, quantization: str, k: int, batch: int, max_new_token
         "rss_after_load_mb": round(after_load / 1024, 1),
         "step_peak_rss_mb": round(step_peak / 1024, 1) if step_peak else None,
         "step_peak_above_runtime_mb": round((step_peak - baseline) / 1024, 1) if step_peak else None,
-        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_peak_rss_mb": round(load_peak / 1024, 1),
         "load_s": round(load_s, 2), "step_s": [round(s, 3) for s in seconds], "threads": torch.get_num_threads(),
     }
 
 
 def run_isolated(model_dir: str | Path, quantization: str, k: int = 4, batch: int = 2, max_new_tokens: int = 16,
-                 steps: int = 1, threads: int = 1, timeout: float = 600) -> dict:
-    """`measure` in a fresh Python process; returns its JSON line (raises with its stderr if it failed)."""
+                 steps: int = 1, threads: int = 1, timeout: float = 600, env: dict | None = None) -> dict:
+    """`measure` in a fresh Python process (extra environment `env`); returns its JSON line (raises with its
+    stderr if it failed)."""
     cmd = [sys.executable, "-m", "bench.memory", str(model_dir), "--quantization", quantization, "--k", str(k),
            "--batch", str(batch), "--max-new-tokens", str(max_new_tokens), "--steps", str(steps),
            "--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    full_env = {**os.environ, **(env or {}),
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                               os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory bench ({quantization}) failed:\n{proc.stderr[-2000:]}")

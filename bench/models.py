@@ -27,7 +27,7 @@ CONFIGS: dict[str, tuple[str, TinyConfig]] = {
     "text": ("text", TEXT_TINY),                                              # 11-token prompts
     "llava-256": ("llava", TinyConfig(image_size=128, patch_size=8)),         # 256 image tokens of 268
 }
-DEFAULT_CONFIGS = ("llava", "qwen2_vl", "text")
+DEFAULT_CONFIGS = ("llava", "qwen2_vl", "text", "llava-256")
 
 
 @dataclass

@@ -89,10 +89,10 @@ def test_report_tables():
            "ratio_median": 0.5, "ratio_q1": 0.45, "ratio_q3": 0.55, "ratio_min": 0.4, "ratio_max": 0.6,
            "ours_vision_per_prompt": 1.0, "trl_vision_per_prompt": 13.0}
     mem = {"params": 1e8, "weight_mb": 400.0, "step_peak_rss_mb": 1600.0, "step_peak_above_runtime_mb": 600.0,
-           "process_peak_rss_mb": 1700.0, "step_s": [2.0]}
+           "load_peak_rss_mb": 1700.0, "step_s": [2.0]}
     results = {"machine": {"line": "cpu x"}, "command": "python -m bench", "wall_s": 10.0,
                "step_time": [row, {"name": "qwen2_vl", "error": "RuntimeError: missing"}],
-               "memory": {"none": mem, "4bit": {**mem, "weight_mb": 62.0, "step_peak_rss_mb": 1200.0}},
+               "memory": {"fp32": mem, "4bit": {**mem, "weight_mb": 62.0, "step_peak_rss_mb": 1200.0}},
                "teacher_calls": {"n_prompts": 8, "k": 4, "ratio": 0.25,
                                  "ldl_grpo": {"anchor_calls": 8, "rl_calls": 0, "total": 8, "rerun_anchor_calls": 0},
                                  "judge_grpo": {"anchor_calls": 8, "rl_calls": 32, "total": 40,
