@@ -155,3 +155,11 @@ def test_sft_skips_a_nan_batch(world, tmp_path, monkeypatch):
     assert [r["skipped"] for r in rows] == [True, False]
     assert rows[0]["skip_reason"].startswith("non-finite loss") and rows[0]["loss"] != rows[0]["loss"]
     assert_checkpoint_finite(ckpt.latest_checkpoint(tmp_path))
+
+
+def test_fp16_overflow_skips_do_not_count_until_the_loss_scale_is_spent():
+    from vlrlcd.training.common import gradient_skip
+
+    assert gradient_skip(None) == ("non-finite gradient", True)
+    assert gradient_skip(torch.amp.GradScaler("cpu", init_scale=8.0)) == ("fp16 overflow, loss scale lowered to 8", False)
+    assert gradient_skip(torch.amp.GradScaler("cpu", init_scale=0.5))[1] is True

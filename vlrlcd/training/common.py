@@ -53,6 +53,14 @@ def clipped_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, s
     return float(norm), ok
 
 
+def gradient_skip(scaler: torch.amp.GradScaler | None) -> tuple[str, bool]:
+    """Why a step with a finite loss was skipped, and whether it counts toward train.max_bad_steps: under
+    fp16 an overflow while the loss scale is still >= 1 is the scaler's normal search (it halved the scale)."""
+    if scaler is not None and scaler.get_scale() >= 1.0:
+        return f"fp16 overflow, loss scale lowered to {scaler.get_scale():g}", False
+    return "non-finite gradient", True
+
+
 def digest(items: list[str]) -> str:
     """A short hash of the data order (a checkpoint's data position is only valid for the same order)."""
     return hashlib.sha1("\x00".join(items).encode("utf-8")).hexdigest()[:16]

@@ -25,7 +25,7 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.core import entropy
-from vlrlcd.training.common import clipped_step, digest, make_optimizer, seed_everything
+from vlrlcd.training.common import clipped_step, digest, gradient_skip, make_optimizer, seed_everything
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import rollout, sample_generator
@@ -112,10 +112,10 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
             n_bad = dist.sum_gradients(params, [float(len(bad_ids))])[0]
             if n_bad == 0:
                 norm, ok = clipped_step(params, opt, sched, cfg.grad_clip, scaler)
-                reason = None if ok else "non-finite gradient"
+                reason, bad_counts = gradient_skip(scaler) if not ok else (None, True)
             else:
                 opt.zero_grad(set_to_none=True)
-                norm, ok, reason = float("nan"), False, None
+                norm, ok, reason, bad_counts = float("nan"), False, None, True
             calls = {k: v - calls0.get(k, 0) for k, v in _call_counts(ctx).items()}
             parts = dist.all_gather((sums, counts, tokens, lines, bad_ids, calls))
             sums, counts = _merge([p[0] for p in parts]), _merge([p[1] for p in parts])
@@ -128,7 +128,7 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
             calls_total = _merge([calls_total] + [p[5] for p in parts])
             session.log(step + 1, {**means, "kl": kl, "grad_norm": norm, "teacher_calls": teacher_calls,
                                    **calls_total, "prompts_without_anchor": skipped},
-                              ok, reason, tokens, step_seconds=time.time() - ts)
+                              ok, reason, tokens, step_seconds=time.time() - ts, count_bad=bad_counts)
             if dist.is_main:
                 with open(rollouts_path, "a", encoding="utf-8") as f:
                     for _, line in sorted((x for p in parts for x in p[3]), key=lambda t: t[0]):

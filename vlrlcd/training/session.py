@@ -126,11 +126,15 @@ class Session:
 
     # ------------------------------------------------------------------ per step
     def log(self, step: int, metrics: dict[str, Any], ok: bool, reason: str | None = None,
-            tokens: float = 0.0, step_seconds: float | None = None) -> dict:
-        """Record step `step` (1-based): one metrics row (JSONL, TensorBoard, bar); counts bad steps in a row."""
+            tokens: float = 0.0, step_seconds: float | None = None, count_bad: bool = True) -> dict:
+        """Record step `step` (1-based): one metrics row (JSONL, TensorBoard, bar); counts bad steps in a row
+        (a skipped step with `count_bad=False`, an fp16 overflow, neither counts nor resets)."""
         seconds = self.elapsed()
         dt = step_seconds if step_seconds is not None else seconds - (self.rows[-1]["seconds"] if self.rows else self._elapsed0)
-        self.bad = 0 if ok else self.bad + 1
+        if ok:
+            self.bad = 0
+        elif count_bad:
+            self.bad += 1
         row = {"stage": self.stage, "step": step, **metrics, "skipped": not ok,
                "lr": self.sched.get_last_lr()[0], "tokens_per_s": tokens / max(dt, 1e-9),
                "seconds_per_step": round(dt, 4), "seconds": round(seconds, 3)}
