@@ -32,3 +32,22 @@ def test_config_errors_in_process(tmp_path, capsys):
     assert main(["anchors", str(tmp_path / "missing.yaml")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "does not exist" in err
+
+
+def test_eval_with_judge_is_paid_once(tmp_path, capsys):
+    """`vlrlcd eval --judge`: a win rate from the teacher's judgements, stored so a re-run costs nothing."""
+    import json
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_text_arithmetic.yaml"
+    run = tmp_path / "run"
+    common = [str(recipe), f"run_dir={run}", "data.train_size=8", "data.eval_size=4", "train.objective=sft",
+              "train.sft_epochs=1", "--no-progress"]
+    assert main(["train", *common]) == 0
+    adapter = run / "sft" / "adapter"
+    for expected_calls in (4, 0):
+        assert main(["eval", *common, "--adapter", str(adapter), "--judge"]) == 0
+        result = json.loads((run / "sft" / "eval.json").read_text())
+        assert result["judge_calls"] == expected_calls and result["n"] == 4
+        assert 0.0 <= result["win_rate"] <= 1.0 and 0.0 <= result["lc_win_rate"] <= 1.0
+    capsys.readouterr()

@@ -88,8 +88,41 @@ def cmd_eval(args) -> int:
         raise VlrlcdError("the held-out split is empty: set data.eval_path or data.eval_size")
     out = Path(args.out) if args.out else Path(args.adapter).parent
     res = evaluate(student, records, cfg.eval.max_new_tokens, cfg.eval.metric, out, progress=not args.no_progress)
-    print(json.dumps(res.to_json()))
+    result = res.to_json()
+    if args.judge:
+        result.update(judge_eval(cfg, records, [p["prediction"] for p in res.predictions]))
+        (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result))
     print(f"wrote {out / 'eval.json'} and {out / 'predictions.jsonl'}")
+    return 0
+
+
+def judge_eval(cfg, records, predictions) -> dict:
+    """Teacher-judged win rate and length-controlled win rate against the reference answers (or the
+    stored anchors where a record has none); judgements are stored, so an evaluation is never paid twice."""
+    from vlrlcd.evaluation.metrics import judge_predictions, win_rates
+    from vlrlcd.teacher.runner import STORE_NAME, CachedJudge
+    from vlrlcd.teacher.store import AnchorStore
+
+    with AnchorStore(Path(cfg.run_dir) / STORE_NAME) as store:
+        anchors = store.anchors_for(records, cfg.teacher)
+        refs = [r.reference if r.reference is not None else anchors.get(r.id) for r in records]
+        keep = [i for i, ref in enumerate(refs) if ref is not None]
+        if not keep:
+            raise VlrlcdError("no held-out record has a reference or a stored anchor to judge against")
+        judge = CachedJudge(cfg.teacher, store)
+        recs, preds, refs = [records[i] for i in keep], [predictions[i] for i in keep], [refs[i] for i in keep]
+        scores = judge_predictions(recs, preds, refs, judge)
+    return {**win_rates(scores, preds, refs), "judge_calls": judge.calls}
+
+
+def cmd_compare(args) -> int:
+    from vlrlcd.compare import format_compare, parse_objectives, run_compare
+
+    cfg = _config(args)
+    result = run_compare(cfg, parse_objectives(args.objectives), progress=not args.no_progress, resume=args.resume)
+    print(format_compare(result))
+    print(f"wrote {Path(cfg.run_dir) / 'compare.csv'} and {Path(cfg.run_dir) / 'compare.json'}")
     return 0
 
 
@@ -138,7 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = with_config(sub.add_parser("eval", help="evaluate an adapter on the held-out split"))
     e.add_argument("--adapter", required=True, help="a saved adapter directory")
     e.add_argument("--out", default=None, help="where eval.json goes (default: beside the adapter)")
+    e.add_argument("--judge", action="store_true",
+                   help="also ask the teacher to judge each prediction against the reference (stored, paid once)")
     e.set_defaults(func=cmd_eval)
+    c = with_config(sub.add_parser("compare", help="several stage-II objectives from one SFT start: one table"))
+    c.add_argument("--objectives", required=True,
+                   help="comma-separated, e.g. sft2,single_pair_dpo,anchor_rank_dpo,ldl_grpo")
+    c.add_argument("--resume", action="store_true", help="reuse finished stages, continue unfinished ones")
+    c.set_defaults(func=cmd_compare)
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
@@ -150,7 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`vlrlcd train CONFIG --resume train.lr=1e-4`)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except VlrlcdError as e:

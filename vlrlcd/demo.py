@@ -14,9 +14,11 @@ from vlrlcd.config import Config, apply_overrides, from_dict
 from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, write_summary
 
 QUICK = [
-    "data.train_size=48", "data.eval_size=32", "train.sft_epochs=3", "train.rl_steps=6",
-    "train.batch_size=4", "train.k=4", "student.tiny.num_layers=2",
+    "data.train_size=48", "data.eval_size=32", "student.tiny.pretrain_examples=256", "train.sft_epochs=3",
+    "train.rl_steps=4", "train.batch_size=4", "train.k=4", "student.tiny.num_layers=2",
 ]
+# Stage II methods the demo compares, all from the same SFT start (DESIGN.md's methods table).
+METHODS = ("sft2", "single_pair_dpo", "anchor_rank_dpo", "ldl_grpo")
 
 
 def demo_config(out: str | Path, seed: int = 0, quick: bool = False, overrides: list[str] | None = None) -> Config:
@@ -36,9 +38,11 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
     cfg = demo_config(out, seed, quick, overrides)
     prep = prepare(cfg, progress)
     sft_adapter, sft_metrics = run_sft(prep, progress=progress)
-    _, rl_metrics = run_rl(prep, sft_adapter, "ldl_grpo", progress=progress)
+    methods = {"sft": sft_metrics}
+    for objective in (("ldl_grpo",) if quick else METHODS):
+        _, methods[objective] = run_rl(prep, sft_adapter, objective, progress=progress)
     summary = {
-        "methods": {"sft": sft_metrics, "ldl_grpo": rl_metrics},
+        "methods": methods,
         "teacher_calls": prep.teacher_calls,
         "anchors_stored": prep.anchors_stored,
         "train_prompts": len(prep.train),
