@@ -39,6 +39,7 @@ class Prepared:
     teacher_calls: int          # calls made by this run
     anchors_stored: int
     distinct_prompts: int       # distinct (prompt, image) pairs in the training split: the most calls ever needed
+    progress: bool = True       # show progress bars (e.g. while a tiny base is pretrained)
 
 
 def ensure_run_dir(cfg: Config) -> Path:
@@ -75,7 +76,8 @@ def prepare(cfg: Config, progress: bool = True, dist: Dist | None = None) -> Pre
     for note in getattr(splits, "notes", []) if main else []:
         print(note, flush=True)
     distinct = len({anchor_key(cfg.teacher, r) for r in splits.train})
-    return Prepared(cfg, splits.train, splits.eval, anchors, summary.calls if summary else 0, len(anchors), distinct)
+    return Prepared(cfg, splits.train, splits.eval, anchors, summary.calls if summary else 0, len(anchors), distinct,
+                    progress and main)
 
 
 def student_config(prep: Prepared) -> StudentConfig:
@@ -99,7 +101,7 @@ def student_config(prep: Prepared) -> StudentConfig:
         build = build_tiny_llava if vision else build_tiny_text
         build(tmp, corpus, t, seed=prep.cfg.seed)
         if generic:
-            pretrain_base(tmp, generic, t.pretrain_epochs, t.pretrain_lr, prep.cfg.seed)
+            pretrain_base(tmp, generic, t.pretrain_epochs, t.pretrain_lr, prep.cfg.seed, progress=prep.progress)
         tmp.rename(base)
     return replace(scfg, name_or_path=str(base))
 

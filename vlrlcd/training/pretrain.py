@@ -60,7 +60,7 @@ def pretrain_base(path: str | Path, records: list[Record], epochs: float, lr: fl
         loss, _ = sft_loss(tl.logp, tl.mask)
         loss.backward()
         clipped_step(params, opt, sched, 1.0)
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     model.save_pretrained(path)
     return losses
