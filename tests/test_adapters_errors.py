@@ -20,15 +20,6 @@ PROMPT = "What color is the shape?"
 TEXT_ONLY_TEMPLATE = CHAT_TEMPLATE.replace("{{ '<image>\n' }}", "")  # drops {'type': 'image'} parts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("errors")

@@ -24,15 +24,6 @@ TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, int
 PROMPT = "What color is the shape?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "red.png"
