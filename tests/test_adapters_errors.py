@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 from PIL import Image
 
 from vlrlcd.adapters.config import LoraConfig, StudentConfig, TinyConfig

@@ -155,7 +155,7 @@ def load_base(cfg: StudentConfig):
     kwargs: dict = {"dtype": dtype}
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"  # one GPU per DDP rank
     model = getattr(transformers, family.auto_class).from_pretrained(path, **kwargs)
     if quant is None and torch.cuda.is_available():
         model = model.to("cuda")

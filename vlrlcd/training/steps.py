@@ -312,13 +312,9 @@ def teacher_token_values(teacher: StudentAdapter, group: Group, responses: list[
                          cfg: TrainConfig) -> list[torch.Tensor]:
     """V_T(s_{t+1}) at each response token (the teacher's top-k next-token log-probs after y_≤t, plus
     the rest bucket), one forward of the teacher over all responses on its shared prefix."""
-    from vlrlcd.adapters.cache import expand_cache
-
     prefix = teacher.prefix(group.record.prompt, group.record.image)
-    ids, _ = teacher._pad(responses)
-    cache, _ = teacher._prefix_forward(prefix)
-    out = teacher.model(input_ids=ids, past_key_values=expand_cache(cache, len(responses)), use_cache=True)
-    top, rest = topk_with_rest(out.logits, cfg.tvkd_topk)
+    logits, _ = teacher.continuation_logits(prefix, responses)   # right positions for every family (Qwen mrope)
+    top, rest = topk_with_rest(logits, cfg.tvkd_topk)
     values = tvkd_values(top, rest, cfg.tvkd_alpha, cfg.tvkd_beta_t).float().cpu()
     return [values[i, : len(r)] for i, r in enumerate(responses)]
 
