@@ -74,15 +74,6 @@ def ddp_run(tmp_path_factory):
     return root, run, proc
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_processes_split_the_batch_and_keep_identical_weights(ddp_run):
     _, run, proc = ddp_run
     assert proc.stdout.count("teacher calls this run") == 1  # one summary, from process 0
@@ -100,7 +91,7 @@ def test_two_processes_split_the_batch_and_keep_identical_weights(ddp_run):
     assert steps == [1, 2, 3]  # one row per step (process 0 writes)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(ddp_run, one_thread):
+def test_two_processes_match_one_process_on_the_same_global_batch(ddp_run):
     root, run, _ = ddp_run
     # SFT: one process from scratch over the same data, anchors and tiny student
     single = root / "single"

@@ -45,14 +45,6 @@ def world(tmp_path_factory):
     return scfg, root / "sft", records, anchors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rl_student(world):
     scfg, sft, _, _ = world
     return load_student(scfg, adapter=sft, reference=sft)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from vlrlcd.adapters.config import StudentConfig
 from vlrlcd.adapters.families import FAMILIES
@@ -21,15 +20,6 @@ REAL = {
     "qwen2vl_2b_vqa.yaml": ("Qwen/Qwen2-VL-2B-Instruct", "none", "qwen2_vl"),
     "qwen25_15b_text_math.yaml": ("Qwen/Qwen2.5-1.5B-Instruct", "none", "text"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_every_recipe_loads_and_validates():

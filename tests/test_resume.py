@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -51,22 +50,13 @@ def steps_logged(stage_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest (and the same in every process) on one thread; subprocesses get OMP=1 too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def subprocess_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
     return env
 
 
-def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, one_thread, monkeypatch):
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     # the uninterrupted run, in this process
     full = tmp_path / "full"
@@ -107,7 +97,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, one_thr
     assert summary["teacher_calls"] == 0 and set(summary["methods"]) == {"sft", "ldl_grpo"}
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, one_thread, monkeypatch, capsys):
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch, capsys):
     """SIGINT during SFT step 2: the step finishes, a checkpoint is written, the command exits with 130."""
     from vlrlcd.training import sft
 

@@ -37,15 +37,6 @@ def world(tmp_path_factory):
     return StudentConfig(name_or_path=str(base), max_new_tokens=3, lora=LoraConfig(r=4, alpha=8)), records, anchors
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fresh(scfg):
     torch.manual_seed(0)
     return load_student(scfg)
