@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from vlrlcd.errors import VlrlcdError
 
@@ -53,27 +53,33 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
-    """Read our JSONL; image paths are resolved against the file's folder."""
+def iter_json_lines(path: str | Path, what: str = "") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; a missing file or bad JSON names file and line."""
     path = Path(path)
     if not path.exists():
-        raise VlrlcdError(f"{path}: no such file")
-    out: list[Record] = []
+        raise VlrlcdError(f"{what}{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise VlrlcdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            img = d.get("image")
-            if img is not None and not Path(img).is_absolute():
-                d["image"] = str(path.parent / img)
-            try:
-                out.append(Record(**d))
-            except TypeError as e:
-                raise VlrlcdError(f"{path}:{lineno}: bad record ({e})") from None
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """Read our JSONL; image paths are resolved against the file's folder."""
+    path = Path(path)
+    out: list[Record] = []
+    for lineno, d in iter_json_lines(path):
+        img = d.get("image") if isinstance(d, dict) else None
+        if img is not None and not Path(img).is_absolute():
+            d["image"] = str(path.parent / img)
+        try:
+            out.append(Record(**d))
+        except TypeError as e:
+            raise VlrlcdError(f"{path}:{lineno}: bad record ({e})") from None
     return out
 
 

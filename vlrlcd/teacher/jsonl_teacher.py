@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlrlcd.datasets.records import Record
+from vlrlcd.datasets.records import iter_json_lines
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.teacher.base import TeacherAnswer, TeacherCallError, reference_score, resolve_reference
 from vlrlcd.teacher.config import TeacherConfig
@@ -16,21 +16,12 @@ ANSWER_FIELDS = ("answer", "anchor", "response", "text")
 def read_answers(path: str | Path) -> dict[str, str]:
     """id -> answer from lines like {"id": "q1", "answer": "red"} (or "anchor" / "response" / "text")."""
     path = Path(path)
-    if not path.exists():
-        raise VlrlcdError(f"teacher.jsonl_path {path}: no such file")
     answers: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VlrlcdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            field = next((k for k in ANSWER_FIELDS if isinstance(d, dict) and k in d), None)
-            if not isinstance(d, dict) or "id" not in d or field is None:
-                raise VlrlcdError(f"{path}:{lineno}: expected {{\"id\": ..., \"answer\": ...}}")
-            answers[str(d["id"])] = str(d[field])
+    for lineno, d in iter_json_lines(path, "teacher.jsonl_path "):
+        field = next((k for k in ANSWER_FIELDS if isinstance(d, dict) and k in d), None)
+        if not isinstance(d, dict) or "id" not in d or field is None:
+            raise VlrlcdError(f"{path}:{lineno}: expected {{\"id\": ..., \"answer\": ...}}")
+        answers[str(d["id"])] = str(d[field])
     return answers
 
 
