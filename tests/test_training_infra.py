@@ -115,8 +115,11 @@ def test_tensorboard_holds_each_step_once_across_a_resume(world, tmp_path):
 
 def test_launch_settings_the_loop_cannot_honour_are_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(VlrlcdError, match="FSDP / DeepSpeed"):
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "NO_SHARD")
+    with pytest.raises(VlrlcdError, match="NO_SHARD"):
         setup_distributed("no")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    assert not setup_distributed("no").sharded  # one process: nothing to shard over
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert effective_mixed_precision("no") == "bf16" and effective_mixed_precision("fp16") == "fp16"

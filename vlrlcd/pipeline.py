@@ -106,12 +106,12 @@ def student_config(prep: Prepared) -> StudentConfig:
     return replace(scfg, name_or_path=str(base))
 
 
-def _eval(student, prep: Prepared, out: Path, progress: bool) -> dict:
+def _eval(student, prep: Prepared, out: Path, progress: bool, answers: list[str] | None = None) -> dict:
     from vlrlcd.evaluation.evaluate import evaluate
 
     if not prep.eval:
         return {}
-    res = evaluate(student, prep.eval, prep.cfg.eval.max_new_tokens, prep.cfg.eval.metric, out, progress)
+    res = evaluate(student, prep.eval, prep.cfg.eval.max_new_tokens, prep.cfg.eval.metric, out, progress, answers)
     return {res.metric: res.value, "n": res.n}
 
 
@@ -172,11 +172,17 @@ def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist
         (out / STAGE_FILE).unlink(missing_ok=True)
     t0, prior = time.time(), _prior_seconds(out, resume)
     student = load()
+    if dist is not None:
+        dist.prepare_student(student)  # FSDP: shard the frozen base, decode in lockstep
     train(student)
-    adapter, metrics = out / "adapter", {}
+    adapter, metrics, answers = out / "adapter", {}, None
+    if dist is not None and dist.sharded and prep.eval:  # sharded: every process takes part in the evaluation
+        from vlrlcd.evaluation.evaluate import generate_sharded
+
+        answers = generate_sharded(student, prep.eval, prep.cfg.eval.max_new_tokens, dist)
     if main:
         student.save(adapter)
-        metrics = {**_eval(student, prep, out, progress), "seconds": round(time.time() - t0 + prior, 1)}
+        metrics = {**_eval(student, prep, out, progress, answers), "seconds": round(time.time() - t0 + prior, 1)}
         tmp = out / (STAGE_FILE + ".tmp")
         tmp.write_text(json.dumps({"done": True, "start": start, "metrics": metrics}, indent=1), encoding="utf-8")
         tmp.replace(out / STAGE_FILE)
@@ -197,7 +203,7 @@ def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init
 
     def load():
         seed_everything(cfg.seed)  # a fresh adapter's initialisation must not depend on what ran before
-        return load_student(student_config(prep), adapter=init_adapter)
+        return load_student(student_config(prep), adapter=init_adapter, on_cpu=dist is not None and dist.sharded)
 
     def train(student):
         items = sft_items(prep.train, prep.anchors, copy_pairs=cfg.train.sft_copy_pairs, seed=cfg.seed)
@@ -220,7 +226,8 @@ def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = Non
     out = Path(cfg.run_dir) / tcfg.objective
 
     def load():
-        return load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter)
+        return load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter,
+                            on_cpu=dist is not None and dist.sharded)
 
     def train(student):
         ctx = make_context(cfg, tcfg)  # a stored judge for judge_grpo

@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -65,6 +65,9 @@ class StudentAdapter:
         self.family = family
         self.name_or_path = name_or_path
         self.vision_calls = 0
+        # set under FSDP (training/sharding.py): lockstep(local_done) -> whether every process is done.
+        # Decoding then runs until all processes finish, and every pass has the same shape of calls.
+        self.lockstep: Callable[[bool], bool] | None = None
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -159,16 +162,24 @@ class StudentAdapter:
 
         The prefix runs once (batch 1); y_1 is scored from its last logits, y_2..y_T from one batch-K pass of
         y_1..y_{T-1} on the K-fold expanded prefix cache (the last response token is never fed)."""
+        if self.checkpointing:  # no KV cache inside checkpointed layers: K full sequences in one batch
+            return self.batch_token_logprobs([prefix] * len(responses), responses)
         ids, mask = self._pad(responses)
         K, T = ids.shape
         cache, last = self._prefix_forward(prefix)
         first = _logprobs_of(last.expand(K, -1), ids[:, 0])[:, None]
-        if T == 1:
+        if T == 1 and self.lockstep is None:
             logp = first
-        else:
-            logits = self._continue(prefix, cache, ids[:, :-1]).logits
+        else:  # in lockstep the continuation pass always runs (one token, unused, when T == 1)
+            logits = self._continue(prefix, cache, ids[:, : max(T - 1, 1)]).logits[:, : T - 1]
             logp = torch.cat([first, _logprobs_of(logits, ids[:, 1:])], dim=1)
         return TokenLogprobs(logp * mask, mask, ids)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activation checkpointing is on and active (train mode): transformers then drops the KV
+        cache inside the layers, so log-probs take the full-sequence path."""
+        return bool(self.model.training and getattr(self.model, "is_gradient_checkpointing", False))
 
     def _continue(self, prefix: Prefix, cache, ids: torch.Tensor):
         """Feed `ids` [K, L] right after the prefix, as one batch on its K-fold expanded cache."""
@@ -228,7 +239,10 @@ class StudentAdapter:
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             steps.append(nxt)
             done = done | torch.isin(nxt, eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            if t == max_new_tokens - 1:
+                break
+            finished = bool(done.all())
+            if (finished if self.lockstep is None else self.lockstep(finished)):
                 break
             out = self.model(input_ids=nxt.unsqueeze(1), past_key_values=cache, use_cache=True,
                              **self._positions(prefix, k, t, 1))

@@ -141,8 +141,9 @@ def _keep_cpu_4bit_trainable(model) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def load_base(cfg: StudentConfig):
-    """(model, processor, tokenizer, family) for `cfg.name_or_path`, without any adapter."""
+def load_base(cfg: StudentConfig, on_cpu: bool = False):
+    """(model, processor, tokenizer, family) for `cfg.name_or_path`, without any adapter; on the GPU when
+    there is one, unless `on_cpu` (FSDP moves each process's shard there itself)."""
     import transformers
 
     _quiet_transformers()
@@ -157,7 +158,7 @@ def load_base(cfg: StudentConfig):
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"  # one GPU per DDP rank
     model = getattr(transformers, family.auto_class).from_pretrained(path, **kwargs)
-    if quant is None and torch.cuda.is_available():
+    if quant is None and torch.cuda.is_available() and not on_cpu:
         model = model.to("cuda")
     if quant is not None and not torch.cuda.is_available():
         _keep_cpu_4bit_trainable(model)
@@ -167,12 +168,12 @@ def load_base(cfg: StudentConfig):
 
 
 def load_student(cfg: StudentConfig, adapter: str | Path | None = None,
-                 reference: str | Path | None = None, trainable: bool = True) -> StudentAdapter:
+                 reference: str | Path | None = None, trainable: bool = True, on_cpu: bool = False) -> StudentAdapter:
     """The student with a LoRA policy adapter: fresh, or loaded from `adapter` (a plain peft directory);
     `reference` (the SFT adapter) is kept frozen beside it on the same base weights."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    model, processor, tokenizer, family = load_base(cfg)
+    model, processor, tokenizer, family = load_base(cfg, on_cpu)
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for p in model.parameters():

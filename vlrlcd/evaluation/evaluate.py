@@ -27,12 +27,16 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(student: StudentAdapter, records: list[Record], max_new_tokens: int, metric: str = "auto",
-             out_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
-    """Greedy-decode every record and score it; writes OUT/eval.json and OUT/predictions.jsonl."""
+             out_dir: str | Path | None = None, progress: bool = True,
+             answers: list[str] | None = None) -> EvalResult:
+    """Greedy-decode every record (unless its `answers` are given) and score it; writes OUT/eval.json and
+    OUT/predictions.jsonl."""
     student.model.eval()
     preds, scores = [], []
-    for r in tqdm(records, desc="eval", disable=not progress, leave=False):
-        answer = student.generate([r], max_new_tokens)[0]
+    if answers is not None and len(answers) != len(records):
+        raise ValueError(f"{len(answers)} answers for {len(records)} records")
+    for j, r in enumerate(tqdm(records, desc="eval", disable=not progress or answers is not None, leave=False)):
+        answer = student.generate([r], max_new_tokens)[0] if answers is None else answers[j]
         s = score_record(r, answer, metric)
         scores.append(s)
         preds.append({"id": r.id, "prompt": r.prompt, "prediction": answer, "reference": r.reference,
@@ -48,3 +52,20 @@ def evaluate(student: StudentAdapter, records: list[Record], max_new_tokens: int
             for p in preds:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
     return result
+
+
+@torch.no_grad()
+def generate_sharded(student: StudentAdapter, records: list[Record], max_new_tokens: int, dist) -> list[str] | None:
+    """Greedy answers to `records`, each process decoding records i ≡ rank (mod world) in lockstep (every
+    process makes the same number of calls: short shards repeat their first record); every answer on
+    process 0, None on the others."""
+    student.model.eval()
+    n, per = len(records), -(-len(records) // dist.world)
+    mine = dist.shard(n)
+    slots = mine + [mine[0] if mine else 0] * (per - len(mine))
+    answers = [student.generate([records[i]], max_new_tokens)[0] for i in slots]
+    parts = dist.all_gather(list(zip(mine, answers[: len(mine)])))
+    if not dist.is_main:
+        return None
+    by_index = dict(pair for part in parts for pair in part)
+    return [by_index[i] for i in range(n)]

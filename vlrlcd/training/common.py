@@ -1,7 +1,9 @@
-"""What the SFT and RL loops share: seeding, the optimizer and its schedule, a clipped step."""
+"""What the SFT and RL loops share: seeding, the optimizer and its schedule, a clipped step, activation
+checkpointing."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -64,3 +66,30 @@ def gradient_skip(scaler: torch.amp.GradScaler | None) -> tuple[str, bool]:
 def digest(items: list[str]) -> str:
     """A short hash of the data order (a checkpoint's data position is only valid for the same order)."""
     return hashlib.sha1("\x00".join(items).encode("utf-8")).hexdigest()[:16]
+
+
+def set_activation_checkpointing(model, on: bool) -> None:
+    """transformers' activation (gradient) checkpointing on or off: recompute each decoder layer in backward
+    (non-reentrant, so frozen inputs with a LoRA inside work). transformers 5 name first, 4.x name otherwise."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model, on: bool):
+    """Activation checkpointing on `model` for the block (nothing when `on` is false); off again after."""
+    if not on:
+        yield
+        return
+    set_activation_checkpointing(model, True)
+    try:
+        yield
+    finally:
+        set_activation_checkpointing(model, False)

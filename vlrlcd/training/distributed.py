@@ -9,7 +9,8 @@ optimizer step is identical on every process — the same step a single process 
 batch. Process 0 broadcasts its trainable weights at the start, so the replicas also start equal.
 
 Launch with `torchrun --nproc_per_node N -m vlrlcd.cli train CONFIG` or
-`accelerate launch --config_file configs/accelerate/ddp_*.yaml -m vlrlcd.cli train CONFIG`.
+`accelerate launch --config_file configs/accelerate/ddp_*.yaml -m vlrlcd.cli train CONFIG`; with
+configs/accelerate/fsdp_*.yaml the frozen base is also sharded (sharding.py) and the loops run in lockstep.
 A single process (the default) never creates a process group and pays nothing for this module.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -37,6 +39,12 @@ class Dist:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mixed_precision: str = "no"
     accelerator: Any = None
+    fsdp: Any = None  # sharding.FSDPSettings when the launch config asks for FSDP (several processes)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the student's base is sharded (FSDP): every process must then run in lockstep."""
+        return self.fsdp is not None and self.multi
 
     @property
     def is_main(self) -> bool:
@@ -49,6 +57,27 @@ class Dist:
     def shard(self, n: int) -> list[int]:
         """Indices of a global batch of n items this process takes: i ≡ rank (mod world)."""
         return list(range(self.rank, n, self.world))
+
+    def all_done(self, done: bool) -> bool:
+        """Whether `done` holds on every process (one tiny all-reduce; the lockstep decoding test)."""
+        if not self.multi:
+            return done
+        flag = torch.tensor([0 if done else 1], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag)
+        return int(flag.item()) == 0
+
+    def prepare_student(self, student) -> None:
+        """Under FSDP, shard the student's frozen base over the processes and make it decode in lockstep."""
+        if not self.sharded:
+            return
+        from vlrlcd.training.sharding import shard_student
+
+        layers = shard_student(student, self.device, self.world, self.fsdp)
+        student.lockstep = self.all_done
+        if self.is_main:
+            held, total = local_numel(student.model)
+            print(f"fsdp: {layers} decoder layers sharded over {self.world} processes; process 0 holds "
+                  f"{held:,} of {total:,} weights", file=sys.stderr, flush=True)
 
     def barrier(self) -> None:
         if self.multi:
@@ -118,6 +147,16 @@ class Dist:
         return out
 
 
+def local_numel(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights this process holds, weights of the whole model): they differ for sharded (DTensor) weights."""
+    held = total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        held += local.numel()
+        total += p.numel()
+    return held, total
+
+
 def single_process(mixed_precision: str = "no") -> Dist:
     mixed_precision = effective_mixed_precision(mixed_precision)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -141,19 +180,22 @@ def setup_distributed(mixed_precision: str = "no") -> Dist:
     """This process's Dist: one process unless launched by torchrun / `accelerate launch` with several.
 
     Several processes: the process group comes from accelerate (`Accelerator(cpu=True)` when there is no
-    GPU: a plain Accelerator on CPU silently trains every process on its own). FSDP and DeepSpeed launch
-    configs are refused (see _SHARDED_MSG): every process holds the whole student (QLoRA when it is big)
-    and only the small LoRA gradients travel.
+    GPU: a plain Accelerator on CPU silently trains every process on its own). With an FSDP launch config
+    the student's frozen base is sharded (sharding.py); otherwise every process holds the whole student
+    (QLoRA when it is big) and only the small LoRA gradients travel. DeepSpeed configs are refused
+    (_DEEPSPEED_MSG).
     """
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise VlrlcdError(_SHARDED_MSG)
+    from vlrlcd.training.sharding import deepspeed_requested, fsdp_requested, settings_from_env
+
+    if deepspeed_requested():
+        raise VlrlcdError(_DEEPSPEED_MSG)
+    fsdp = settings_from_env() if fsdp_requested() else None
     if launched_world_size() <= 1:
         return single_process(mixed_precision)
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # process 0 evaluates alone after each stage while the others wait at a barrier: allow a long wait
+    # process 0 writes files after each stage while the others wait at a barrier: allow a long wait
     timeout = timedelta(seconds=float(os.environ.get("VLRLCD_DIST_TIMEOUT_S", 6 * 3600)))
     acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     if acc.num_processes != launched_world_size():
@@ -162,12 +204,14 @@ def setup_distributed(mixed_precision: str = "no") -> Dist:
             "on CPU launch with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N "
             "--num_machines 1 --mixed_precision no --dynamo_backend no` (ACCELERATE_USE_CPU=true)"
         )
-    return Dist(acc.process_index, acc.num_processes, acc.device, effective_mixed_precision(mixed_precision), acc)
+    device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
+    return Dist(acc.process_index, acc.num_processes, device, effective_mixed_precision(mixed_precision), acc, fsdp)
 
 
-_SHARDED_MSG = (
-    "this accelerate launch config asks for FSDP / DeepSpeed, which the vlrlcd loop does not run: each process "
-    "samples its own prompts for a different number of decoding steps and backward passes, while sharded weights "
-    "need every process in the same forward/backward in lockstep. Launch with configs/accelerate/ddp_gpu.yaml "
-    "(or ddp_cpu.yaml); when the student does not fit one device, load it in 4 bits (student.quantization=4bit)"
+_DEEPSPEED_MSG = (
+    "this accelerate launch config asks for DeepSpeed, which the vlrlcd loop does not run: it samples with its "
+    "own shared-prefix decoder and keeps the LoRA weights replicated, and DeepSpeed's engine owns the optimizer "
+    "and partitions every weight. To shard a base that does not fit one device launch with "
+    "configs/accelerate/fsdp_gpu.yaml; otherwise configs/accelerate/ddp_gpu.yaml (with student.quantization=4bit "
+    "a 7B student fits one 24 GB GPU)"
 )

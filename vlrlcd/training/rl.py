@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 import torch
@@ -25,7 +24,8 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.core import entropy
-from vlrlcd.training.common import clipped_step, digest, gradient_skip, make_optimizer, seed_everything
+from vlrlcd.training.common import (clipped_step, digest, gradient_skip, make_optimizer, seed_everything,
+                                   activation_checkpointing)
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import rollout, sample_generator
@@ -63,19 +63,25 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
     skipped = len(records) - len(pool)
     if not pool:
         raise VlrlcdError("no training prompt has a stored anchor: run `vlrlcd anchors CONFIG` first")
-    if cfg.gradient_checkpointing and dist.is_main:
-        print("note: train.gradient_checkpointing applies to SFT only; the RL passes share each prompt's KV cache, "
-              "which checkpointing would drop", file=sys.stderr)
+    if dist.sharded:
+        from vlrlcd.training.sharding import check_lockstep_objective
+
+        check_lockstep_objective(cfg.objective)
+        if cfg.batch_size % dist.world:
+            raise VlrlcdError(f"under FSDP every process takes the same number of prompts: train.batch_size "
+                              f"({cfg.batch_size}) must be a multiple of the {dist.world} processes")
     order = rl_order(pool, cfg.rl_steps, cfg.batch_size, seed)
     params = student.trainable_parameters()
     opt, sched = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.rl_steps, cfg.warmup_steps)
-    scaler = dist.grad_scaler()
     out = Path(out_dir)
+    scaler = dist.grad_scaler()
     ctx = ctx or StepContext(step=0, total_steps=cfg.rl_steps, ranking=rcfg)
     data_digest = digest([r.id for r in order[: len(pool)]] + [f"batch={cfg.batch_size}", f"seed={seed}"])
     bs = cfg.batch_size
-    with Session("rl", out, cfg, dist, student, params, opt, sched, cfg.rl_steps, resume, progress, data_digest,
-                 postfix_keys=("loss", "margin_mean", "kl")) as session:
+    # with checkpointing the loss passes run full sequences (StudentAdapter.checkpointing); sampling does not
+    with activation_checkpointing(student.model, cfg.gradient_checkpointing), \
+            Session("rl", out, cfg, dist, student, params, opt, sched, cfg.rl_steps, resume, progress, data_digest,
+                    postfix_keys=("loss", "margin_mean", "kl")) as session:
         ctx.state = session.loop_state.get("ctx_state", ctx.state)
         calls_total: dict[str, int] = dict(session.loop_state.get("calls", {}))  # every process, cumulative
         loop_state = lambda: {"ctx_state": ctx.state, "calls": calls_total}  # noqa: E731
@@ -96,11 +102,15 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
                     g = rollout(student, rec, anchors[rec.id], cfg, rcfg, max_new_tokens, sample_generator(seed, step, i))
                     student.model.train()
                     loss, m = group_loss(student, g, cfg, ctx)
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if not finite:
                     bad_ids.append(rec.id)
-                    continue
+                    if not dist.sharded:
+                        continue  # (under FSDP the backward still runs: the step is discarded on every process)
                 scaled = loss / len(batch)
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                if not finite:
+                    continue
                 tokens += m.get("tokens", 0.0)
                 if _ranked(g):
                     m = {**m, "margin_mean": float(g.margins.mean()), "dx_entropy": float(entropy(g.target[None])[0])}

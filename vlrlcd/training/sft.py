@@ -19,7 +19,8 @@ from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
 from vlrlcd.objectives.sft import sft_loss
 from vlrlcd.ranking.scorers import scoring_prompt
-from vlrlcd.training.common import clipped_step, digest, gradient_skip, make_optimizer, seed_everything
+from vlrlcd.training.common import (clipped_step, digest, gradient_skip, make_optimizer, seed_everything,
+                                   activation_checkpointing)
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.session import Session
@@ -110,11 +111,10 @@ def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, o
     opt, sched = make_optimizer(params, cfg.sft_lr, cfg.weight_decay, total_steps, max(cfg.warmup_steps, total_steps // 20))
     scaler = dist.grad_scaler()
     data_digest = digest([it.id for it in order[: len(items)]] + [f"batch={bs}", f"seed={seed}"])
-    if cfg.gradient_checkpointing:
-        set_activation_checkpointing(student.model, True)
     try:
-        with Session("sft", out_dir, cfg, dist, student, params, opt, sched, total_steps, resume, progress,
-                     data_digest) as session:
+        with activation_checkpointing(student.model, cfg.gradient_checkpointing), \
+                Session("sft", out_dir, cfg, dist, student, params, opt, sched, total_steps, resume, progress,
+                        data_digest) as session:
             student.model.train()
             for step in range(session.start_step, total_steps):
                 ts = time.time()
@@ -122,11 +122,19 @@ def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, o
                 step_tokens = target_tokens(student, batch)
                 mine = [batch[i] for i in dist.shard(len(batch))]
                 nll, tokens, bad = 0.0, 0.0, 0
-                for chunk in _chunks(mine, cfg.grad_accum):
+                chunks = _chunks(mine, cfg.grad_accum)
+                if dist.sharded:  # lockstep: every process runs grad_accum passes (empty ones on batch[:1], weight 0)
+                    chunks += [[]] * (cfg.grad_accum - len(chunks))
+                for chunk in chunks:
                     with dist.autocast():
-                        loss, m = batch_loss(student, chunk)
+                        loss, m = batch_loss(student, chunk or batch[:1])
+                    if not chunk:
+                        (loss * 0.0).backward()
+                        continue
                     if not torch.isfinite(loss):
                         bad += 1
+                        if dist.sharded:
+                            loss.backward()  # the step is discarded on every process afterwards
                         continue
                     if m["tokens"] != step_tokens:  # a part of the step: weight by its share of the tokens
                         loss = loss * (m["tokens"] / step_tokens)
@@ -149,24 +157,8 @@ def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, o
                 session.end_step(step + 1, dict)
             session.finish(dict)
     finally:
-        if cfg.gradient_checkpointing:
-            set_activation_checkpointing(student.model, False)
         student.model.eval()
     return session.rows
-
-
-def set_activation_checkpointing(model, on: bool) -> None:
-    """transformers' activation (gradient) checkpointing on or off: recompute each decoder layer in backward
-    (non-reentrant, so frozen inputs with a LoRA inside work). transformers 5 name first, 4.x name otherwise."""
-    if on:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
 
 
 def _chunks(items: list, n: int) -> list[list]:

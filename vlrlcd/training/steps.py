@@ -141,9 +141,14 @@ def _ranked_pairs(group: Group, rcfg: RankingConfig) -> list[tuple[int, int, int
     return preference_pairs(group.margins[None], rcfg.pairs, rcfg.pair_margin)
 
 
-def _no_pair(student: StudentAdapter) -> LossOut:
-    """No preference pair in this group (all candidates tie, or the sample is the anchor): zero loss."""
-    return _zero_loss(student), {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "pairs": 0.0,
+def _no_pair(student: StudentAdapter, group: Group) -> LossOut:
+    """No preference pair in this group (all candidates tie, or the sample is the anchor): zero loss. In
+    lockstep (FSDP) the pair passes still run, on the anchor with weight 0, so every process makes the same
+    forward and backward calls."""
+    loss = _zero_loss(student)
+    if student.lockstep is not None:
+        loss = 0.0 * _pair_batch(student, group, [(0, ANCHOR, ANCHOR)]).policy.sum()
+    return loss, {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "pairs": 0.0,
                                  "tokens": 0.0}
 
 
@@ -170,7 +175,7 @@ def single_pair_dpo_group_loss(student: StudentAdapter, group: Group, cfg: Train
     """DPO with the anchor chosen and the one student sample rejected (skipped when they are the same)."""
     anchor_ids = student.encode_response(group.anchor)
     if not group.candidates or student.decode(group.candidates[0]) == student.decode(anchor_ids):
-        return _no_pair(student)
+        return _no_pair(student, group)
     pb = _pair_batch(student, group, [(0, ANCHOR, 0)])
     loss, m = dpo_loss(pb.policy[pb.chosen], pb.policy[pb.rejected], pb.ref[pb.chosen], pb.ref[pb.rejected],
                        cfg.dpo_beta)
@@ -181,7 +186,7 @@ def anchor_rank_dpo_group_loss(student: StudentAdapter, group: Group, cfg: Train
     """DPO on the pairs the anchor-conditioned ranking induces (ranking.pairs, ranking.pair_margin)."""
     pairs = _ranked_pairs(group, ctx.ranking)
     if not pairs:
-        return _no_pair(student)
+        return _no_pair(student, group)
     pb = _pair_batch(student, group, pairs)
     loss, m = dpo_loss(pb.policy[pb.chosen], pb.policy[pb.rejected], pb.ref[pb.chosen], pb.ref[pb.rejected],
                        cfg.dpo_beta)
@@ -344,7 +349,7 @@ def tvkd_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig,
     cfg.require_tvkd_teacher()
     pairs = _ranked_pairs(group, ctx.ranking)
     if not pairs:
-        return _no_pair(student)
+        return _no_pair(student, group)
     pb = _pair_batch(student, group, pairs)
     values = cached_token_values(student, group, pb.responses, cfg, ctx)
     V = torch.zeros_like(pb.mask)

@@ -1,0 +1,252 @@
+"""FSDP through accelerate's own config file (configs/accelerate/fsdp_cpu.yaml): two CPU processes shard the
+tiny student's decoder layers, run SFT and LDL-GRPO in lockstep, and match one process within 1e-5. Plus the
+lockstep pieces on one process: decoding until every process is done, the always-run continuation pass, the
+zero-weight pair passes, the full-sequence log-probs under activation checkpointing, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from test_distributed import max_abs_diff, rollout_ids, tensors
+from test_steps_common import MAX_NEW, build, records, sft_adapter
+
+from vlrlcd import cli
+from vlrlcd.adapters.config import StudentConfig
+from vlrlcd.adapters.loader import load_student
+from vlrlcd.errors import VlrlcdError
+from vlrlcd.ranking.config import RankingConfig
+from vlrlcd.training import checkpoint as ckpt
+from vlrlcd.training import sharding
+from vlrlcd.training.config import TrainConfig
+from vlrlcd.training.distributed import Dist, setup_distributed
+from vlrlcd.training.rl import train_rl
+from vlrlcd.training.rollout import rollout, sample_generator
+from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUN = {
+    "seed": 0,
+    "data": {"task": "shapes_vqa", "train_size": 8, "eval_size": 3},
+    "teacher": {"backend": "oracle"},
+    "student": {"name_or_path": "tiny-llava", "max_new_tokens": 4, "lora": {"r": 4, "alpha": 8},
+                "tiny": {"num_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                         "vision_layers": 1, "vision_hidden_size": 32}},
+    # SFT batches of 3 items in 2 micro-batches: rank 0 runs 2, rank 1 one real and one zero-weight pass
+    "train": {"objective": "ldl_grpo", "sft_epochs": 1, "sft_batch_size": 3, "grad_accum": 2, "sft_lr": 0.01,
+              "rl_steps": 3, "batch_size": 4, "k": 2, "lr": 0.01, "save_every": 2, "keep_checkpoints": 3},
+    "eval": {"max_new_tokens": 2},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(path: Path, run_dir: Path) -> Path:
+    path.write_text(yaml.safe_dump({**RUN, "run_dir": str(run_dir)}), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """`accelerate launch --config_file configs/accelerate/fsdp_cpu.yaml -m vlrlcd.cli train` from scratch."""
+    root = tmp_path_factory.mktemp("fsdp")
+    run = root / "fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/fsdp_cpu.yaml"), "--main_process_port", str(_free_port()),
+           "-m", "vlrlcd.cli", "train", str(_config(root / "fsdp.yaml", run)), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, run, proc
+
+
+def test_fsdp_shards_the_base_and_matches_one_process(fsdp_run):
+    root, run, proc = fsdp_run
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("fsdp: "))
+    assert "2 decoder layers sharded over 2 processes" in line
+    held, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" weights")[0].split(" of "))
+    assert held < total  # process 0 keeps only its shard of the layers
+    for stage in ("sft", "ldl_grpo"):
+        metas = [ckpt.read_meta(p) for p in ckpt.list_checkpoints(run / stage)]
+        assert metas and all(m["world"] == 2 for m in metas)
+        for m in metas:  # the replicated LoRA weights stay identical on both processes
+            assert m["rank_digests"][0] == m["rank_digests"][1]
+    ids = rollout_ids(run / "ldl_grpo")
+    for step, by_rank in ids.items():
+        assert len(by_rank[0]) == 2 and len(by_rank[1]) == 2 and not set(by_rank[0]) & set(by_rank[1])
+    preds = (run / "sft" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 3  # the sharded evaluation answered every held-out prompt once
+
+    single = root / "single"
+    single.mkdir()
+    for name in ("data", "anchors.sqlite", "student_base-tiny-llava"):
+        src = run / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, single / name)
+    cfg = _config(root / "single.yaml", single)
+    assert cli.main(["train", str(cfg), "train.objective=sft", "--no-progress"]) == 0
+    assert max_abs_diff(tensors(run / "sft"), tensors(single / "sft")) < 1e-5
+    ones = [json.loads(x)["prediction"] for x in (single / "sft" / "predictions.jsonl").read_text().splitlines()]
+    assert ones == [json.loads(x)["prediction"] for x in preds]
+    shutil.rmtree(single / "sft")
+    shutil.copytree(run / "sft", single / "sft")  # RL from the same start
+    assert cli.main(["train", str(cfg), "--no-progress", "--resume"]) == 0
+    assert max_abs_diff(tensors(run / "ldl_grpo"), tensors(single / "ldl_grpo")) < 1e-5
+    texts = lambda d: sorted(json.dumps(json.loads(x)["candidates"])  # noqa: E731
+                             for x in (d / "ldl_grpo" / "rollouts.jsonl").read_text().splitlines())
+    assert texts(run) == texts(single)
+
+
+# ------------------------------------------------------------------ one process
+@pytest.fixture(scope="module")
+def text_student(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lockstep")
+    base = build("text", root / "base")
+    ref = sft_adapter(base, root / "sft")
+    return load_student(StudentConfig(name_or_path=str(base)), adapter=ref, reference=ref), root
+
+
+class _Counter:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(lambda *_: self._hit())
+
+    def _hit(self):
+        self.calls += 1
+
+
+def test_lockstep_decoding_runs_until_every_process_is_done(text_student):
+    student, _ = text_student
+    prefix = student.prefix("What is 3 + 4?")
+    base = student.model.get_base_model()
+    counter = _Counter(base)
+    try:
+        alone = student.sample(prefix, 3, 6, 1.0, torch.Generator().manual_seed(1))
+        n_alone = counter.calls
+        student.lockstep = lambda done: False  # another process is never done
+        counter.calls = 0
+        together = student.sample(prefix, 3, 6, 1.0, torch.Generator().manual_seed(1))
+        assert together == alone  # the extra steps only feed padding to finished rows
+        assert counter.calls == 6 >= n_alone  # one prefix pass + 5 decode steps: up to the limit
+        seen = []
+        student.lockstep = lambda done: seen.append(done) or done  # alone again, through the hook
+        assert student.sample(prefix, 3, 6, 1.0, torch.Generator().manual_seed(1)) == alone
+        assert seen and seen[-1] is (len(seen) < 5)
+    finally:
+        student.lockstep = None
+        counter.handle.remove()
+
+
+def test_lockstep_always_runs_the_continuation_pass(text_student):
+    student, _ = text_student
+    prefix = student.prefix("Name a colour.")
+    one = [[student.eos_ids[0]], [5]]
+    base = student.model.get_base_model()
+    counter = _Counter(base)
+    try:
+        with torch.no_grad():
+            plain = student.token_logprobs(prefix, one)
+            assert counter.calls == 1
+            student.lockstep = lambda done: done
+            counter.calls = 0
+            locked = student.token_logprobs(prefix, one)
+            assert counter.calls == 2  # the same pass count as any longer response
+    finally:
+        student.lockstep = None
+        counter.handle.remove()
+    assert torch.equal(plain.logp, locked.logp) and torch.equal(plain.mask, locked.mask)
+
+
+def test_no_pair_in_lockstep_still_runs_the_pair_passes_with_weight_zero(text_student, tmp_path):
+    student, _ = text_student
+    recs, anchors = records("text", tmp_path)
+    cfg, rcfg = TrainConfig(objective="single_pair_dpo", k=1), RankingConfig()
+    g = rollout(student, recs[0], anchors[recs[0].id], cfg, rcfg, MAX_NEW, sample_generator(0, 0, 0))
+    g.candidates = [student.encode_response(g.anchor)]  # the sample is the anchor: no pair
+    g.texts = [g.anchor]
+    ctx = StepContext(step=0, total_steps=1, ranking=rcfg)
+    loss, m = GROUP_LOSSES["single_pair_dpo"](student, g, cfg, ctx)
+    assert m["pairs"] == 0 and loss.grad_fn is None  # one process: no pass at all
+    student.lockstep = lambda done: done
+    try:
+        loss, m = GROUP_LOSSES["single_pair_dpo"](student, g, cfg, ctx)
+    finally:
+        student.lockstep = None
+    assert m["pairs"] == 0 and float(loss.detach()) == 0.0 and loss.grad_fn is not None
+    student.model.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in student.trainable_parameters() if p.grad is not None]
+    assert grads and all(float(x.abs().max()) == 0.0 for x in grads)
+    student.model.zero_grad(set_to_none=True)
+
+
+def test_checkpointed_logprobs_take_the_full_sequence_path_and_agree(text_student):
+    from vlrlcd.training.common import activation_checkpointing
+
+    student, _ = text_student
+    prefix = student.prefix("What is 3 + 4?")
+    responses = [[7, 8, student.eos_ids[0]], [9, student.eos_ids[0]]]
+    student.model.train()
+    try:
+        cached = student.token_logprobs(prefix, responses)
+        with activation_checkpointing(student.model, True):
+            assert student.checkpointing
+            full = student.token_logprobs(prefix, responses)
+            full.logp.sum().backward()  # recomputed in backward, through the LoRA weights
+        assert not student.checkpointing
+    finally:
+        student.model.eval()
+        student.model.zero_grad(set_to_none=True)
+    assert torch.allclose(cached.logp, full.logp, atol=1e-5) and torch.equal(cached.mask, full.mask)
+
+
+def test_fsdp_settings_come_from_the_accelerate_launch_environment(monkeypatch):
+    monkeypatch.delenv("FSDP_SHARDING_STRATEGY", raising=False)
+    for raw, reshard in (("true", True), ("false", False), ("FULL_SHARD", True), ("SHARD_GRAD_OP", False)):
+        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", raw)
+        assert sharding.settings_from_env().reshard_after_forward is reshard
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    assert sharding.settings_from_env().offload_params
+    for raw, words in (("NO_SHARD", "ddp_gpu.yaml"), ("HYBRID_SHARD", "hybrid"), ("maybe", "not understood")):
+        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", raw)
+        with pytest.raises(VlrlcdError, match=words):
+            sharding.settings_from_env()
+
+
+def test_deepspeed_launch_is_refused_with_the_fsdp_route(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(VlrlcdError, match="fsdp_gpu.yaml"):
+        setup_distributed()
+
+
+def test_decoder_layers_are_the_language_model_s_only(tmp_path):
+    base = build("llava", tmp_path / "llava")
+    student = load_student(StudentConfig(name_or_path=str(base)))
+    layers = sharding.decoder_layers(student.model)
+    names = {n for n, m in student.model.named_modules() if any(m is x for x in layers)}
+    assert names and all("language_model" in n and "vision" not in n for n in names)
+
+
+def test_fsdp_refuses_what_would_fall_out_of_lockstep(text_student, tmp_path):
+    student, _ = text_student
+    recs, anchors = records("text", tmp_path)
+    rcfg = RankingConfig()
+    for world, cfg, words in ((2, TrainConfig(objective="judge_grpo", rl_steps=1), "does not run under FSDP"),
+                              (3, TrainConfig(objective="ldl_grpo", rl_steps=1, batch_size=4), "multiple of the 3")):
+        dist = Dist(rank=0, world=world, fsdp=sharding.FSDPSettings())
+        with pytest.raises(VlrlcdError, match=words):
+            train_rl(student, recs, anchors, cfg, rcfg, MAX_NEW, tmp_path / "rl", dist=dist)

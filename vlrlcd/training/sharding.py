@@ -1,0 +1,133 @@
+"""FSDP for the frozen base: shard the language model's decoder layers across processes, keep LoRA replicated.
+
+With a LoRA student the memory is the frozen base; the trainable weights are a few MB. So `accelerate
+launch --config_file configs/accelerate/fsdp_*.yaml` shards exactly the base: each decoder layer of the
+language model becomes one `torch.distributed.fsdp.fully_shard` unit whose frozen weights are split over
+the processes and gathered for its forward (and backward) only. Everything else stays an ordinary,
+replicated tensor: the LoRA / modules_to_save weights (so `Dist.sum_gradients`, the optimizer, clipping,
+checkpoints and bit-exact resume are the DDP ones), the embeddings and head, and the vision tower and
+projector (so the one vision pass per prompt needs no other process).
+
+Every forward of a sharded layer is a collective, so all processes must run the same sequence of
+forwards and backwards ("lockstep"): `StudentAdapter.lockstep` makes sampling decode until every
+process is done and always runs the continuation pass; the loops give every process the same number of
+prompts and micro-batches and always run the backward (a non-finite step is discarded afterwards on all).
+The objectives whose passes do not depend on the data are in LOCKSTEP_OBJECTIVES; the others are refused.
+
+Settings come from the environment accelerate's launcher writes from the config file: FSDP_VERSION,
+FSDP_RESHARD_AFTER_FORWARD (v2: true/false; v1 configs: the sharding strategy name) and FSDP_OFFLOAD_PARAMS.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vlrlcd.errors import VlrlcdError
+
+# objectives whose per-prompt sequence of forward/backward passes is the same on every process
+LOCKSTEP_OBJECTIVES = ("sft", "ldl_grpo", "anchor_grpo", "single_pair_dpo", "anchor_rank_dpo", "sft2")
+_VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_projector")
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """What the accelerate FSDP config asks for, in the terms of fully_shard."""
+
+    reshard_after_forward: bool = True
+    offload_params: bool = False
+
+
+def fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+
+
+def settings_from_env() -> FSDPSettings:
+    """FSDPSettings from the variables `accelerate launch` sets for an FSDP config (v1 or v2)."""
+    raw = (os.environ.get("FSDP_RESHARD_AFTER_FORWARD") or os.environ.get("FSDP_SHARDING_STRATEGY") or "true")
+    value = raw.strip().upper()
+    if value in ("NO_SHARD", "3"):
+        raise VlrlcdError("the FSDP config asks for NO_SHARD, which is plain data parallelism: launch with "
+                          "configs/accelerate/ddp_gpu.yaml instead")
+    if value.startswith("HYBRID") or value in ("4", "5"):
+        raise VlrlcdError(f"FSDP sharding strategy {raw} (hybrid sharding) is not supported: use FULL_SHARD "
+                          "(fsdp_reshard_after_forward: true) or SHARD_GRAD_OP (false)")
+    if value in ("TRUE", "1", "FULL_SHARD"):
+        reshard = True
+    elif value in ("FALSE", "0", "2", "SHARD_GRAD_OP"):
+        reshard = False
+    else:
+        raise VlrlcdError(f"FSDP_RESHARD_AFTER_FORWARD={raw} is not understood: use true or false in the "
+                          "accelerate config (fsdp_reshard_after_forward)")
+    offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("1", "true")
+    return FSDPSettings(reshard, offload)
+
+
+def check_lockstep_objective(objective: str) -> None:
+    if objective not in LOCKSTEP_OBJECTIVES:
+        raise VlrlcdError(
+            f"train.objective '{objective}' does not run under FSDP: its passes depend on the data (a judge "
+            f"that may fail, per-record plans), so sharded processes would fall out of step. Under FSDP use "
+            f"one of {', '.join(LOCKSTEP_OBJECTIVES)}, or launch it with configs/accelerate/ddp_gpu.yaml")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language model's decoder layers: the elements of every `layers` ModuleList outside the vision
+    tower / projector."""
+    found = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
+            if not any(part in _VISION_MODULES for part in name.split(".")):
+                found.extend(module)
+    return found
+
+
+def _replicated(name: str, p: torch.nn.Parameter) -> bool:
+    """Parameters that stay whole on every process inside a sharded layer: trainable ones and every adapter
+    weight (the frozen reference adapter is switched in and out by peft)."""
+    return p.requires_grad or "lora_" in name or "modules_to_save" in name
+
+
+def shard_student(student, device: torch.device, world: int, settings: FSDPSettings) -> int:
+    """Shard the frozen weights of `student.model`'s decoder layers over the process group (in place);
+    move everything else to `device`. Returns how many layers were sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    model = student.model
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or \
+            any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
+        raise VlrlcdError("FSDP does not shard a 4/8-bit (bitsandbytes) student here; a quantized student "
+                          "fits one device, so launch it with configs/accelerate/ddp_gpu.yaml")
+    layers = decoder_layers(model)
+    if not layers:
+        raise VlrlcdError(f"{student.name_or_path}: no decoder `layers` found to shard; launch with "
+                          "configs/accelerate/ddp_gpu.yaml")
+    mesh = init_device_mesh(device.type, (world,))
+    offload = CPUOffloadPolicy() if settings.offload_params and device.type == "cuda" else OffloadPolicy()
+    in_layers = set()
+    for layer in layers:
+        keep = {p for n, p in layer.named_parameters() if _replicated(n, p)}
+        in_layers.update(id(p) for p in layer.parameters())
+        if device.type == "cuda":
+            for p in keep:
+                p.data = p.data.to(device)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=settings.reshard_after_forward,
+                    offload_policy=offload, ignored_params=keep)
+    # the root owns nothing: it only ties the layers into one FSDP tree (backward finalisation, prefetch)
+    rest = {p for p in model.parameters() if id(p) not in in_layers}
+    rest |= {p for layer in layers for n, p in layer.named_parameters() if _replicated(n, p)}
+    fully_shard(model, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=rest)
+    if device.type == "cuda":
+        for p in rest:
+            p.data = p.data.to(device)
+        for name, buf in model.named_buffers():
+            if buf.device != device:
+                buf.data = buf.data.to(device)
+    return len(layers)
