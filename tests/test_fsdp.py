@@ -241,12 +241,81 @@ def test_decoder_layers_are_the_language_model_s_only(tmp_path):
     assert names and all("language_model" in n and "vision" not in n for n in names)
 
 
-def test_fsdp_refuses_what_would_fall_out_of_lockstep(text_student, tmp_path):
+def test_fsdp_needs_a_batch_every_process_can_share_equally(text_student, tmp_path):
     student, _ = text_student
     recs, anchors = records("text", tmp_path)
+    dist = Dist(rank=0, world=3, fsdp=sharding.FSDPSettings())
+    with pytest.raises(VlrlcdError, match="multiple of the 3"):
+        train_rl(student, recs, anchors, TrainConfig(rl_steps=1, batch_size=4), RankingConfig(), MAX_NEW,
+                 tmp_path / "rl", dist=dist)
+
+
+class _Judge:
+    """A stand-in teacher judge: 1.0 for the anchor, 0.0 otherwise; or fails like a dead endpoint."""
+
+    calls = 0
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    def __call__(self, record, text, anchor) -> float:
+        from vlrlcd.teacher.base import TeacherCallError
+
+        if self.fail:
+            raise TeacherCallError("server_error", "503 after retries", retryable=True)
+        return float(text == anchor)
+
+
+def _passes(student, fn) -> list[bool]:
+    """Whether gradient was on, for every forward of the student's language model while `fn` runs."""
+    seen: list[bool] = []
+    handle = student.model.get_base_model().register_forward_pre_hook(
+        lambda *_: seen.append(torch.is_grad_enabled()))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("objective", sorted(GROUP_LOSSES))
+def test_every_objective_makes_the_same_passes_for_every_kind_of_group(objective, text_student, tmp_path):
+    """The lockstep invariant behind FSDP: with `lockstep` set, the sequence of forwards (and the backward)
+    of one prompt's rollout and loss does not depend on the prompt or on the group (verifiable reference or
+    not, a group with no preference pair, a judge that failed)."""
+    student, root = text_student
+    recs, anchors = records("text", tmp_path)
+    cfg = TrainConfig(objective=objective, k=3, tvkd_teacher=str(root / "base"))
     rcfg = RankingConfig()
-    for world, cfg, words in ((2, TrainConfig(objective="judge_grpo", rl_steps=1), "does not run under FSDP"),
-                              (3, TrainConfig(objective="ldl_grpo", rl_steps=1, batch_size=4), "multiple of the 3")):
-        dist = Dist(rank=0, world=world, fsdp=sharding.FSDPSettings())
-        with pytest.raises(VlrlcdError, match=words):
-            train_rl(student, recs, anchors, cfg, rcfg, MAX_NEW, tmp_path / "rl", dist=dist)
+    student.lockstep = lambda done: done
+    try:
+        groups, rollout_passes = [], []
+        for i, rec in enumerate(recs):
+            box = {}
+            rollout_passes.append(_passes(student, lambda: box.update(g=rollout(
+                student, rec, anchors[rec.id], cfg, rcfg, MAX_NEW, sample_generator(0, 0, i)))))
+            groups.append((box["g"], False))
+        tie = groups[1][0]  # every candidate is the anchor: no pair, a flat ranking
+        tie = type(tie)(tie.record, tie.anchor, tie.prefix, [student.encode_response(tie.anchor)] * len(tie.candidates),
+                        [tie.anchor] * len(tie.candidates), tie.scores, torch.zeros_like(tie.margins),
+                        torch.full_like(tie.target, 1.0 / max(1, tie.target.numel())))
+        groups += [(tie, False), (groups[0][0], True)]
+        loss_passes = []
+        for group, judge_fails in groups:
+            ctx = StepContext(step=0, total_steps=1, ranking=rcfg, judge=_Judge(judge_fails))
+            box = {}
+            student.model.train()
+            loss_passes.append(_passes(student, lambda: box.update(out=GROUP_LOSSES[objective](student, group, cfg, ctx))))
+            loss = box["out"][0]
+            assert loss.requires_grad and loss.grad_fn is not None  # the backward passes run too
+            loss.backward()
+            student.model.zero_grad(set_to_none=True)
+            student.model.eval()
+            for c in ctx.closers:
+                c()
+    finally:
+        student.lockstep = None
+        student.model.eval()
+    assert all(p == rollout_passes[0] for p in rollout_passes), rollout_passes
+    assert all(p == loss_passes[0] for p in loss_passes), loss_passes
+    assert any(loss_passes[0])  # the loss goes through the model with gradient

@@ -64,9 +64,6 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
     if not pool:
         raise VlrlcdError("no training prompt has a stored anchor: run `vlrlcd anchors CONFIG` first")
     if dist.sharded:
-        from vlrlcd.training.sharding import check_lockstep_objective
-
-        check_lockstep_objective(cfg.objective)
         if cfg.batch_size % dist.world:
             raise VlrlcdError(f"under FSDP every process takes the same number of prompts: train.batch_size "
                               f"({cfg.batch_size}) must be a multiple of the {dist.world} processes")

@@ -45,8 +45,9 @@ def has_verifier(record: Record) -> bool:
     return True
 
 
-def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record) -> RolloutPlan:
-    """What `rollout` samples and scores for `cfg.objective` on this record."""
+def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record, lockstep: bool = False) -> RolloutPlan:
+    """What `rollout` samples and scores for `cfg.objective` on this record. In `lockstep` (FSDP) the plan
+    must not depend on the record: rlsd then ranks every group (its reward still prefers the verifier)."""
     obj = cfg.objective
     if obj == "sft2":
         return RolloutPlan(0, "none", rcfg.score_with)
@@ -57,7 +58,7 @@ def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record) -> Rollo
     if obj == "judge_grpo":
         return RolloutPlan(cfg.k, "none", rcfg.score_with)
     if obj == "rlsd":
-        return RolloutPlan(cfg.k, "none" if has_verifier(record) else "anchor", rcfg.score_with)
+        return RolloutPlan(cfg.k, "none" if has_verifier(record) and not lockstep else "anchor", rcfg.score_with)
     if obj == "anchor_grpo":  # the reward is the frozen SFT model's judgement, whatever score_with says
         return RolloutPlan(cfg.k, "anchor", "sft")
     return RolloutPlan(cfg.k, "anchor", rcfg.score_with)
@@ -96,7 +97,7 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 def rollout(student: StudentAdapter, record: Record, anchor: str, cfg: TrainConfig, rcfg: RankingConfig,
             max_new_tokens: int, generator: torch.Generator) -> Group:
     """Sample the objective's candidates for one prompt and rank them against its anchor (no gradient)."""
-    plan = rollout_plan(cfg, rcfg, record)
+    plan = rollout_plan(cfg, rcfg, record, lockstep=student.lockstep is not None)
     prefix = student.prefix(record.prompt, record.image)
     with torch.no_grad():
         candidates = student.sample(prefix, plan.k, max_new_tokens, cfg.temperature, generator) if plan.k else []

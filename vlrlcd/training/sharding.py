@@ -12,7 +12,9 @@ Every forward of a sharded layer is a collective, so all processes must run the 
 forwards and backwards ("lockstep"): `StudentAdapter.lockstep` makes sampling decode until every
 process is done and always runs the continuation pass; the loops give every process the same number of
 prompts and micro-batches and always run the backward (a non-finite step is discarded afterwards on all).
-The objectives whose passes do not depend on the data are in LOCKSTEP_OBJECTIVES; the others are refused.
+Every objective keeps its passes independent of the data in lockstep: a group without a preference pair or
+whose judge failed still runs its passes with weight 0, and rlsd ranks every group (tests/test_fsdp.py checks
+the sequence of passes is the same for every kind of group).
 
 Settings come from the environment accelerate's launcher writes from the config file: FSDP_VERSION,
 FSDP_RESHARD_AFTER_FORWARD (v2: true/false; v1 configs: the sharding strategy name) and FSDP_OFFLOAD_PARAMS.
@@ -27,8 +29,6 @@ import torch
 
 from vlrlcd.errors import VlrlcdError
 
-# objectives whose per-prompt sequence of forward/backward passes is the same on every process
-LOCKSTEP_OBJECTIVES = ("sft", "ldl_grpo", "anchor_grpo", "single_pair_dpo", "anchor_rank_dpo", "sft2")
 _VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_projector")
 
 
@@ -67,14 +67,6 @@ def settings_from_env() -> FSDPSettings:
                           "accelerate config (fsdp_reshard_after_forward)")
     offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("1", "true")
     return FSDPSettings(reshard, offload)
-
-
-def check_lockstep_objective(objective: str) -> None:
-    if objective not in LOCKSTEP_OBJECTIVES:
-        raise VlrlcdError(
-            f"train.objective '{objective}' does not run under FSDP: its passes depend on the data (a judge "
-            f"that may fail, per-record plans), so sharded processes would fall out of step. Under FSDP use "
-            f"one of {', '.join(LOCKSTEP_OBJECTIVES)}, or launch it with configs/accelerate/ddp_gpu.yaml")
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

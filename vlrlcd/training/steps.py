@@ -234,8 +234,11 @@ def judge_rewards(group: Group, ctx: StepContext) -> torch.Tensor | None:
 def judge_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """GRPO with reward = the teacher judging each of the K candidates (N·K calls over N prompts, stored)."""
     rewards = judge_rewards(group, ctx)
-    if rewards is None:
-        return _zero_loss(student), {"loss": 0.0, "judge_failed": 1.0, "tokens": 0.0}
+    if rewards is None:  # skipped; in lockstep (FSDP) its passes still run, with weight 0
+        loss = _zero_loss(student)
+        if student.lockstep is not None:
+            loss = 0.0 * _grpo(student, group, torch.zeros(len(group.candidates)), cfg)[0]
+        return loss, {"loss": 0.0, "judge_failed": 1.0, "tokens": 0.0}
     return _grpo(student, group, rewards, cfg)
 
 
