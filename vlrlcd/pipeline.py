@@ -191,6 +191,13 @@ def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist
     return adapter, metrics
 
 
+def _placement(dist: "Dist | None") -> dict:
+    """load_student arguments for a sharded launch: load on CPU, let the Dist partition the base (ZeRO-3)."""
+    if dist is None or not dist.sharded:
+        return {}
+    return {"on_cpu": True, "prepare_base": dist.prepare_base}
+
+
 def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init_adapter: Path | None = None,
             progress: bool = True, resume: bool = False, dist: "Dist | None" = None) -> tuple[Path, dict]:
     """Stage I (or `sft2`'s second stage from `init_adapter`); returns (adapter dir, held-out metrics;
@@ -203,7 +210,7 @@ def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init
 
     def load():
         seed_everything(cfg.seed)  # a fresh adapter's initialisation must not depend on what ran before
-        return load_student(student_config(prep), adapter=init_adapter, on_cpu=dist is not None and dist.sharded)
+        return load_student(student_config(prep), adapter=init_adapter, **_placement(dist))
 
     def train(student):
         items = sft_items(prep.train, prep.anchors, copy_pairs=cfg.train.sft_copy_pairs, seed=cfg.seed)
@@ -226,8 +233,7 @@ def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = Non
     out = Path(cfg.run_dir) / tcfg.objective
 
     def load():
-        return load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter,
-                            on_cpu=dist is not None and dist.sharded)
+        return load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter, **_placement(dist))
 
     def train(student):
         ctx = make_context(cfg, tcfg)  # a stored judge for judge_grpo

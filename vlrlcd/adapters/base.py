@@ -179,7 +179,11 @@ class StudentAdapter:
     def checkpointing(self) -> bool:
         """Whether activation checkpointing is on and active (train mode): transformers then drops the KV
         cache inside the layers, so log-probs take the full-sequence path."""
-        return bool(self.model.training and getattr(self.model, "is_gradient_checkpointing", False))
+        if not self.model.training:
+            return False
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        on = getattr(base, "is_activation_checkpointing", None)  # transformers 5; 4.x: is_gradient_checkpointing
+        return bool(on if on is not None else getattr(base, "is_gradient_checkpointing", False))
 
     def _continue(self, prefix: Prefix, cache, ids: torch.Tensor):
         """Feed `ids` [K, L] right after the prefix, as one batch on its K-fold expanded cache."""

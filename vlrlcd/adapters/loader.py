@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -168,7 +169,8 @@ def load_base(cfg: StudentConfig, on_cpu: bool = False):
 
 
 def load_student(cfg: StudentConfig, adapter: str | Path | None = None,
-                 reference: str | Path | None = None, trainable: bool = True, on_cpu: bool = False) -> StudentAdapter:
+                 reference: str | Path | None = None, trainable: bool = True, on_cpu: bool = False,
+                 prepare_base: Callable | None = None) -> StudentAdapter:
     """The student with a LoRA policy adapter: fresh, or loaded from `adapter` (a plain peft directory);
     `reference` (the SFT adapter) is kept frozen beside it on the same base weights."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -178,6 +180,8 @@ def load_student(cfg: StudentConfig, adapter: str | Path | None = None,
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for p in model.parameters():
         p.requires_grad_(False)
+    if prepare_base is not None:  # e.g. ZeRO-3 partitioning, which must come before the adapters exist
+        prepare_base(model)
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").exists():

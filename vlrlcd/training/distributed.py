@@ -40,11 +40,13 @@ class Dist:
     mixed_precision: str = "no"
     accelerator: Any = None
     fsdp: Any = None  # sharding.FSDPSettings when the launch config asks for FSDP (several processes)
+    zero3: Any = None  # sharding.ZeroSettings when it asks for DeepSpeed ZeRO-3
+    engines: list = field(default_factory=list)  # DeepSpeed engines (their hooks live as long as they do)
 
     @property
     def sharded(self) -> bool:
-        """Whether the student's base is sharded (FSDP): every process must then run in lockstep."""
-        return self.fsdp is not None and self.multi
+        """Whether the student's base is sharded (FSDP or ZeRO-3): every process must then run in lockstep."""
+        return (self.fsdp is not None or self.zero3 is not None) and self.multi
 
     @property
     def is_main(self) -> bool:
@@ -66,18 +68,35 @@ class Dist:
         torch.distributed.all_reduce(flag)
         return int(flag.item()) == 0
 
+    def prepare_base(self, model) -> None:
+        """Under ZeRO-3, partition the base model's frozen decoder weights (before peft adds the adapters)."""
+        if self.sharded and self.zero3 is not None:
+            from vlrlcd.training.sharding import shard_base_zero3
+
+            self.engines.append(shard_base_zero3(model, self.device, self.world, self.zero3))
+
     def prepare_student(self, student) -> None:
-        """Under FSDP, shard the student's frozen base over the processes and make it decode in lockstep."""
+        """Under FSDP / ZeRO-3, shard the student's frozen base over the processes (FSDP here; ZeRO-3 in
+        prepare_base) and make it decode in lockstep."""
         if not self.sharded:
             return
-        from vlrlcd.training.sharding import shard_student
+        from vlrlcd.training import sharding
 
-        layers = shard_student(student, self.device, self.world, self.fsdp)
+        if self.fsdp is not None:
+            layers = sharding.shard_student(student, self.device, self.world, self.fsdp)
+            how = f"fsdp: {layers} decoder layers sharded"
+        else:
+            sharding.check_zero3_adapters(student.model)
+            if self.device.type == "cuda":
+                for p in student.model.parameters():
+                    if not hasattr(p, "ds_id"):
+                        p.data = p.data.to(self.device)
+            how = "deepspeed zero-3: the decoder stack partitioned"
         student.lockstep = self.all_done
         if self.is_main:
             held, total = local_numel(student.model)
-            print(f"fsdp: {layers} decoder layers sharded over {self.world} processes; process 0 holds "
-                  f"{held:,} of {total:,} weights", file=sys.stderr, flush=True)
+            print(f"{how} over {self.world} processes; process 0 holds {held:,} of {total:,} weights",
+                  file=sys.stderr, flush=True)
 
     def barrier(self) -> None:
         if self.multi:
@@ -151,6 +170,9 @@ def local_numel(model: torch.nn.Module) -> tuple[int, int]:
     """(weights this process holds, weights of the whole model): they differ for sharded (DTensor) weights."""
     held = total = 0
     for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # a ZeRO-3 partitioned weight
+            held, total = held + p.ds_tensor.numel(), total + p.ds_numel
+            continue
         local = p.to_local() if hasattr(p, "to_local") else p
         held += local.numel()
         total += p.numel()
@@ -180,16 +202,19 @@ def setup_distributed(mixed_precision: str = "no") -> Dist:
     """This process's Dist: one process unless launched by torchrun / `accelerate launch` with several.
 
     Several processes: the process group comes from accelerate (`Accelerator(cpu=True)` when there is no
-    GPU: a plain Accelerator on CPU silently trains every process on its own). With an FSDP launch config
-    the student's frozen base is sharded (sharding.py); otherwise every process holds the whole student
-    (QLoRA when it is big) and only the small LoRA gradients travel. DeepSpeed configs are refused
-    (_DEEPSPEED_MSG).
+    GPU: a plain Accelerator on CPU silently trains every process on its own). With an FSDP or DeepSpeed
+    ZeRO-3 launch config the student's frozen base is sharded (sharding.py); otherwise every process holds
+    the whole student (QLoRA when it is big) and only the small LoRA gradients travel.
     """
-    from vlrlcd.training.sharding import deepspeed_requested, fsdp_requested, settings_from_env
+    from vlrlcd.training import sharding
 
-    if deepspeed_requested():
-        raise VlrlcdError(_DEEPSPEED_MSG)
-    fsdp = settings_from_env() if fsdp_requested() else None
+    fsdp = sharding.settings_from_env() if sharding.fsdp_requested() else None
+    zero = sharding.zero_settings_from_env() if sharding.deepspeed_requested() else None
+    if zero is not None and zero.stage < 3:
+        if launched_world_size() > 1 and int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"note: DeepSpeed ZeRO stage {zero.stage} shards optimizer state and gradients, a few MB for a LoRA "
+                  "student: running plain data-parallel (stage 3 shards the frozen base)", file=sys.stderr)
+        zero = None
     if launched_world_size() <= 1:
         return single_process(mixed_precision)
     from accelerate import Accelerator
@@ -205,13 +230,5 @@ def setup_distributed(mixed_precision: str = "no") -> Dist:
             "--num_machines 1 --mixed_precision no --dynamo_backend no` (ACCELERATE_USE_CPU=true)"
         )
     device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
-    return Dist(acc.process_index, acc.num_processes, device, effective_mixed_precision(mixed_precision), acc, fsdp)
-
-
-_DEEPSPEED_MSG = (
-    "this accelerate launch config asks for DeepSpeed, which the vlrlcd loop does not run: it samples with its "
-    "own shared-prefix decoder and keeps the LoRA weights replicated, and DeepSpeed's engine owns the optimizer "
-    "and partitions every weight. To shard a base that does not fit one device launch with "
-    "configs/accelerate/fsdp_gpu.yaml; otherwise configs/accelerate/ddp_gpu.yaml (with student.quantization=4bit "
-    "a 7B student fits one 24 GB GPU)"
-)
+    return Dist(acc.process_index, acc.num_processes, device, effective_mixed_precision(mixed_precision), acc, fsdp,
+                zero)

@@ -18,6 +18,12 @@ the sequence of passes is the same for every kind of group).
 
 Settings come from the environment accelerate's launcher writes from the config file: FSDP_VERSION,
 FSDP_RESHARD_AFTER_FORWARD (v2: true/false; v1 configs: the sharding strategy name) and FSDP_OFFLOAD_PARAMS.
+
+DeepSpeed ZeRO-3 (`configs/accelerate/deepspeed_zero3_*.yaml`) plays the same role: `deepspeed.initialize`
+with no optimizer on the language model's decoder stack, BEFORE peft adds the adapters, installs ZeRO-3's
+gather/release hooks on the frozen base weights only; the LoRA layers peft creates afterwards are plain
+replicated tensors, so again the optimizer, clipping and checkpoints are ours. ZeRO stages 1-2 shard the
+optimizer state and gradients, a few MB for a LoRA student: they run as plain data parallelism.
 """
 
 from __future__ import annotations
@@ -48,6 +54,88 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
 
 
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed config (a dict) for ZeRO-3 partitioning of the frozen base, from the launch config."""
+
+    config: dict
+    stage: int
+
+
+def zero_settings_from_env() -> ZeroSettings:
+    """The user's DeepSpeed launch config (accelerate's DeepSpeedPlugin reads the env / JSON file it names)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise VlrlcdError("this accelerate launch config asks for DeepSpeed, which is not installed: "
+                          "pip install 'vlrlcd[deepspeed]' (or launch with an fsdp_*.yaml / ddp_*.yaml config)") from None
+    from accelerate.utils import DeepSpeedPlugin
+
+    try:
+        plugin = DeepSpeedPlugin()
+    except (ValueError, TypeError) as e:
+        raise VlrlcdError(f"the accelerate DeepSpeed config is not usable: {e}") from None
+    return ZeroSettings(dict(plugin.deepspeed_config), int(plugin.zero_stage or 0))
+
+
+def _deepspeed_config(user: dict, world: int, hidden: int) -> dict:
+    """The user's DeepSpeed config made concrete for a hooks-only engine (no optimizer): batch sizes fixed,
+    our clipping and autocast instead of DeepSpeed's, "auto" bucket sizes as transformers resolves them."""
+    import copy
+
+    cfg = copy.deepcopy(user)
+    cfg.update(train_micro_batch_size_per_gpu=1, train_batch_size=world, gradient_accumulation_steps=1,
+               steps_per_print=10**9)
+    cfg.pop("gradient_clipping", None)
+    for key in ("fp16", "bf16"):  # weights stay in student.compute_dtype; train.mixed_precision autocasts
+        cfg[key] = {"enabled": False}
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    autos = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": 10 * hidden}
+    for key, value in autos.items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    # ZeRO-3's own linear autograd function sums the input gradient in another order than F.linear (1e-7
+    # relative), which Adam amplifies on near-zero gradient entries; the plain one matches one process
+    zero.setdefault("memory_efficient_linear", False)
+    return cfg
+
+
+def shard_base_zero3(model: torch.nn.Module, device: torch.device, world: int, settings: ZeroSettings):
+    """Partition the frozen weights of `model`'s decoder stack (the module holding its `layers`) with ZeRO-3
+    hooks; call before peft adds adapters. Returns the engine (keep it referenced)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import warnings
+
+    import deepspeed
+
+    # DeepSpeed gathers with an API torch deprecates: once per forward, it would flood the log
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise VlrlcdError("DeepSpeed ZeRO-3 does not partition a 4/8-bit (bitsandbytes) student here; a quantized "
+                          "student fits one device, so launch it with configs/accelerate/ddp_gpu.yaml")
+    stack = decoder_stack(model)
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or
+                 getattr(getattr(getattr(model, "config", None), "text_config", None), "hidden_size", 0) or 1024)
+    engine, *_ = deepspeed.initialize(model=stack, config=_deepspeed_config(settings.config, world, hidden))
+    if device.type == "cuda":
+        in_stack = {id(p) for p in stack.parameters()}
+        for p in model.parameters():
+            if id(p) not in in_stack:
+                p.data = p.data.to(device)
+    return engine
+
+
+def check_zero3_adapters(model: torch.nn.Module) -> None:
+    """Trainable weights must be plain tensors: a modules_to_save copy of a partitioned module is not."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and hasattr(p, "ds_id")]
+    if bad:
+        raise VlrlcdError(f"student.lora.modules_to_save copies a module inside the ZeRO-3 partitioned language model "
+                          f"({bad[0]}); drop it from modules_to_save or launch with configs/accelerate/fsdp_gpu.yaml")
+
+
 def settings_from_env() -> FSDPSettings:
     """FSDPSettings from the variables `accelerate launch` sets for an FSDP config (v1 or v2)."""
     raw = (os.environ.get("FSDP_RESHARD_AFTER_FORWARD") or os.environ.get("FSDP_SHARDING_STRATEGY") or "true")
@@ -67,6 +155,18 @@ def settings_from_env() -> FSDPSettings:
                           "accelerate config (fsdp_reshard_after_forward)")
     offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("1", "true")
     return FSDPSettings(reshard, offload)
+
+
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the language model's decoder `layers` (with its embeddings and norm)."""
+    modules = dict(model.named_modules())
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] == "layers" and isinstance(module, torch.nn.ModuleList) and \
+                not any(part in _VISION_MODULES for part in parts):
+            return modules[".".join(parts[:-1])]
+    raise VlrlcdError(f"{type(model).__name__}: no decoder `layers` found to shard; launch with "
+                      "configs/accelerate/ddp_gpu.yaml")
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

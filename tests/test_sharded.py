@@ -1,7 +1,8 @@
-"""FSDP through accelerate's own config file (configs/accelerate/fsdp_cpu.yaml): two CPU processes shard the
-tiny student's decoder layers, run SFT and LDL-GRPO in lockstep, and match one process within 1e-5. Plus the
-lockstep pieces on one process: decoding until every process is done, the always-run continuation pass, the
-zero-weight pair passes, the full-sequence log-probs under activation checkpointing, and the refusals."""
+"""Sharded bases through accelerate's own config files: FSDP (configs/accelerate/fsdp_cpu.yaml) and DeepSpeed
+ZeRO-3 (deepspeed_zero3_cpu.yaml). Two CPU processes shard the tiny student's frozen decoder weights, run SFT
+and LDL-GRPO in lockstep, and match one process. Plus the lockstep pieces on one process: decoding until every
+process is done, the always-run continuation pass, the same passes for every kind of group under every
+objective, the full-sequence log-probs under activation checkpointing, and the settings and refusals."""
 
 from __future__ import annotations
 
@@ -60,27 +61,34 @@ def _config(path: Path, run_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    """`accelerate launch --config_file configs/accelerate/fsdp_cpu.yaml -m vlrlcd.cli train` from scratch."""
-    root = tmp_path_factory.mktemp("fsdp")
-    run = root / "fsdp"
+LAUNCHERS = {"fsdp": ("fsdp_cpu.yaml", "fsdp: 2 decoder layers sharded over 2 processes"),
+             "zero3": ("deepspeed_zero3_cpu.yaml", "deepspeed zero-3: the decoder stack partitioned over 2 processes")}
+
+
+@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
+def sharded_run(request, tmp_path_factory):
+    """`accelerate launch --config_file configs/accelerate/<launcher> -m vlrlcd.cli train` from scratch."""
+    if request.param == "zero3":
+        pytest.importorskip("deepspeed", reason="the deepspeed extra (in the dev extra) is not installed")
+    root = tmp_path_factory.mktemp(request.param)
+    run = root / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/fsdp_cpu.yaml"), "--main_process_port", str(_free_port()),
-           "-m", "vlrlcd.cli", "train", str(_config(root / "fsdp.yaml", run)), "--no-progress"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+           str(ROOT / "configs/accelerate" / LAUNCHERS[request.param][0]), "--main_process_port", str(_free_port()),
+           "-m", "vlrlcd.cli", "train", str(_config(root / "run.yaml", run)), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return root, run, proc
+    return request.param, root, run, proc
 
 
-def test_fsdp_shards_the_base_and_matches_one_process(fsdp_run):
-    root, run, proc = fsdp_run
-    line = next(x for x in proc.stderr.splitlines() if x.startswith("fsdp: "))
-    assert "2 decoder layers sharded over 2 processes" in line
-    held, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" weights")[0].split(" of "))
-    assert held < total  # process 0 keeps only its shard of the layers
+def test_sharded_base_runs_in_lockstep_and_matches_one_process(sharded_run):
+    kind, root, run, proc = sharded_run
+    lines = [x for x in proc.stderr.splitlines() if x.startswith(LAUNCHERS[kind][1])]
+    assert len(lines) == 2  # the SFT and the RL student
+    for line in lines:
+        held, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" weights")[0].split(" of "))
+        assert held < total  # process 0 keeps only its part of the frozen decoder weights
     for stage in ("sft", "ldl_grpo"):
         metas = [ckpt.read_meta(p) for p in ckpt.list_checkpoints(run / stage)]
         assert metas and all(m["world"] == 2 for m in metas)
@@ -99,7 +107,9 @@ def test_fsdp_shards_the_base_and_matches_one_process(fsdp_run):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, single / name)
     cfg = _config(root / "single.yaml", single)
     assert cli.main(["train", str(cfg), "train.objective=sft", "--no-progress"]) == 0
-    assert max_abs_diff(tensors(run / "sft"), tensors(single / "sft")) < 1e-5
+    # FSDP: 2e-7 here. ZeRO-3's hooks change the summation order of a few activation gradients (1e-7
+    # relative), which AdamW amplifies on near-zero gradient entries over the 3 SFT steps at lr 0.01 (2e-5)
+    assert max_abs_diff(tensors(run / "sft"), tensors(single / "sft")) < (1e-5 if kind == "fsdp" else 1e-4)
     ones = [json.loads(x)["prediction"] for x in (single / "sft" / "predictions.jsonl").read_text().splitlines()]
     assert ones == [json.loads(x)["prediction"] for x in preds]
     shutil.rmtree(single / "sft")
@@ -227,10 +237,28 @@ def test_fsdp_settings_come_from_the_accelerate_launch_environment(monkeypatch):
             sharding.settings_from_env()
 
 
-def test_deepspeed_launch_is_refused_with_the_fsdp_route(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(VlrlcdError, match="fsdp_gpu.yaml"):
-        setup_distributed()
+def test_deepspeed_config_is_made_concrete_for_a_hooks_only_engine():
+    user = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+            "steps_per_print": float("inf"), "bf16": {"enabled": "auto"},
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "reduce_bucket_size": 7}}
+    cfg = sharding._deepspeed_config(user, world=4, hidden=64)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["steps_per_print"]) == (4, 1, 10**9)
+    assert "gradient_clipping" not in cfg and cfg["bf16"] == {"enabled": False} and cfg["fp16"] == {"enabled": False}
+    zero = cfg["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu"} and zero["reduce_bucket_size"] == 7  # the user's stay
+    assert zero["stage3_param_persistence_threshold"] == 640 and zero["stage3_prefetch_bucket_size"] == 3686
+    assert zero["memory_efficient_linear"] is False
+    assert user["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}, "reduce_bucket_size": 7}
+
+
+def test_deepspeed_stages_below_3_run_data_parallel(monkeypatch, capsys):
+    pytest.importorskip("deepspeed")
+    for k, v in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+                 "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    assert sharding.zero_settings_from_env().stage == 2
+    dist = setup_distributed()
+    assert dist.zero3 is None and not dist.sharded
 
 
 def test_decoder_layers_are_the_language_model_s_only(tmp_path):
@@ -319,3 +347,11 @@ def test_every_objective_makes_the_same_passes_for_every_kind_of_group(objective
     assert all(p == rollout_passes[0] for p in rollout_passes), rollout_passes
     assert all(p == loss_passes[0] for p in loss_passes), loss_passes
     assert any(loss_passes[0])  # the loss goes through the model with gradient
+
+
+def test_zero3_refuses_a_trainable_copy_of_a_partitioned_module():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    sharding.check_zero3_adapters(model)  # plain trainable weights are fine
+    model[0].weight.ds_id = 3  # what a modules_to_save copy of a ZeRO-3 module looks like
+    with pytest.raises(VlrlcdError, match="modules_to_save"):
+        sharding.check_zero3_adapters(model)
