@@ -51,3 +51,11 @@ def test_eval_with_judge_is_paid_once(tmp_path, capsys):
         assert result["judge_calls"] == expected_calls and result["n"] == 4
         assert 0.0 <= result["win_rate"] <= 1.0 and 0.0 <= result["lc_win_rate"] <= 1.0
     capsys.readouterr()
+
+
+def test_eval_of_a_tiny_student_before_any_run_says_to_train_first(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nstudent: {{name_or_path: tiny-text}}\n", encoding="utf-8")
+    assert main(["eval", str(cfg), "--adapter", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert "student_base-tiny-text" in err and "vlrlcd train CONFIG" in err and "Traceback" not in err

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from test_distributed import RUN as DDP_RUN
 from test_distributed import max_abs_diff, rollout_ids, tensors
 from test_steps_common import MAX_NEW, build, records, sft_adapter
 
@@ -36,18 +37,11 @@ from vlrlcd.training.steps import GROUP_LOSSES, StepContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RUN = {
-    "seed": 0,
-    "data": {"task": "shapes_vqa", "train_size": 8, "eval_size": 3},
-    "teacher": {"backend": "oracle"},
-    "student": {"name_or_path": "tiny-llava", "max_new_tokens": 4, "lora": {"r": 4, "alpha": 8},
-                "tiny": {"num_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
-                         "vision_layers": 1, "vision_hidden_size": 32}},
-    # SFT batches of 3 items in 2 micro-batches: rank 0 runs 2, rank 1 one real and one zero-weight pass
-    "train": {"objective": "ldl_grpo", "sft_epochs": 1, "sft_batch_size": 3, "grad_accum": 2, "sft_lr": 0.01,
-              "rl_steps": 3, "batch_size": 4, "k": 2, "lr": 0.01, "save_every": 2, "keep_checkpoints": 3},
-    "eval": {"max_new_tokens": 2},
-}
+# test_distributed's run with 2 decoder layers to shard, 4 prompts per RL step (2 per process) and SFT batches
+# of 3 items in 2 micro-batches: rank 0 runs 2, rank 1 one real and one zero-weight pass
+RUN = {**DDP_RUN, "data": {**DDP_RUN["data"], "eval_size": 3},
+       "student": {**DDP_RUN["student"], "tiny": {**DDP_RUN["student"]["tiny"], "num_layers": 2}},
+       "train": {**DDP_RUN["train"], "grad_accum": 2, "batch_size": 4}}
 
 
 def _free_port() -> int:

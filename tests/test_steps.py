@@ -239,7 +239,7 @@ def test_dpo_pairs_map_to_the_right_sequences(tiny):
     assert m["pairs"] == 1.0 and float(loss.detach()) == pytest.approx(float(want), abs=1e-5)
     # a margin threshold nothing passes: no pair, a zero loss that still backpropagates
     loss, m = GROUP_LOSSES["anchor_rank_dpo"](s, g, tcfg, StepContext(0, 1, RankingConfig(pair_margin=10.0)))
-    assert m["pairs"] == 0.0 and float(loss) == 0.0
+    assert m["pairs"] == 0.0 and float(loss.detach()) == 0.0
     loss.backward()
 
 
@@ -247,7 +247,7 @@ def test_single_pair_dpo_skips_a_sample_equal_to_the_anchor(tiny):
     s = tiny["student"]
     g = hand_group(REC, ["7"], candidates=[s.encode_response("7")], prefix=s.prefix(REC.prompt))
     loss, m = GROUP_LOSSES["single_pair_dpo"](s, g, TrainConfig(objective="single_pair_dpo"), StepContext(0, 1, RankingConfig()))
-    assert m["pairs"] == 0.0 and float(loss) == 0.0
+    assert m["pairs"] == 0.0 and float(loss.detach()) == 0.0
     g = hand_group(REC, ["8"], candidates=[s.encode_response("8")], prefix=s.prefix(REC.prompt))
     loss, m = GROUP_LOSSES["single_pair_dpo"](s, g, TrainConfig(objective="single_pair_dpo"), StepContext(0, 1, RankingConfig()))
     assert m["pairs"] == 1.0 and float(loss.detach()) == pytest.approx(math.log(2), abs=1e-5)  # policy = reference

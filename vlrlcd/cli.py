@@ -74,15 +74,10 @@ def cmd_eval(args) -> int:
     from vlrlcd.adapters.loader import load_student
     from vlrlcd.datasets.load import load_splits
     from vlrlcd.evaluation.evaluate import evaluate
+    from vlrlcd.pipeline import built_student_config
 
     cfg = _config(args)
-    scfg = cfg.student
-    if scfg.name_or_path in ("tiny-llava", "tiny-text"):
-        from dataclasses import replace
-
-        base = Path(cfg.run_dir) / f"student_base-{scfg.name_or_path}"
-        scfg = replace(scfg, name_or_path=str(base))
-    student = load_student(scfg, adapter=args.adapter, trainable=False)
+    student = load_student(built_student_config(cfg), adapter=args.adapter, trainable=False)
     records = load_splits(cfg).eval
     if not records:
         raise VlrlcdError("the held-out split is empty: set data.eval_path or data.eval_size")

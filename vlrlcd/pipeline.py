@@ -80,6 +80,22 @@ def prepare(cfg: Config, progress: bool = True, dist: Dist | None = None) -> Pre
                     progress and main)
 
 
+def built_student_config(cfg: Config) -> StudentConfig:
+    """The student section with a tiny student's name replaced by the base a run built into RUN (as is for
+    real checkpoints); an error when that base has not been built yet."""
+    scfg = cfg.student
+    if scfg.name_or_path not in TINY_STUDENTS:
+        return scfg
+    base = _tiny_base(cfg)
+    if not (base / "config.json").exists():
+        raise VlrlcdError(f"{base}: the {scfg.name_or_path} student is built by a run: `vlrlcd train CONFIG` first")
+    return replace(scfg, name_or_path=str(base))
+
+
+def _tiny_base(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / f"student_base-{cfg.student.name_or_path}"
+
+
 def student_config(prep: Prepared) -> StudentConfig:
     """The student section with a tiny student built (once) into the run directory when asked for."""
     scfg = prep.cfg.student
@@ -87,7 +103,7 @@ def student_config(prep: Prepared) -> StudentConfig:
         return scfg
     from vlrlcd.adapters.tiny import build_tiny_llava, build_tiny_text
 
-    base = Path(prep.cfg.run_dir) / f"student_base-{scfg.name_or_path}"
+    base = _tiny_base(prep.cfg)
     if not (base / "config.json").exists():
         from vlrlcd.training.pretrain import pretrain_base, pretraining_records
 

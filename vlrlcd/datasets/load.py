@@ -179,21 +179,27 @@ def _write_skipped(path: Path, problems: list[tuple[str, Problem]]) -> None:
             f.write(json.dumps({"split": split, **p.to_json()}, ensure_ascii=True) + "\n")
 
 
-def _load_files(cfg) -> Splits:
-    d = cfg.data
-    if not d.train_path:
+def file_splits(cfg, notes: list[str]) -> Iterator[tuple[str, SplitSource]]:
+    """(split, source) for data.train_path and, when set, data.eval_path; appends each source's note."""
+    if not cfg.data.train_path:
         raise VlrlcdError("data.task is 'file' but data.train_path is not set")
-    seen: dict[str, str] = {}
-    cache: dict[str, str | None] = {}
-    records: dict[str, list[Record]] = {"train": [], "eval": []}
-    problems: list[tuple[str, Problem]] = []
-    notes: list[str] = []
     for split in ("train", "eval"):
         src = read_split(cfg, split)
         if src is None:
             notes.append("eval: data.eval_path is not set; the held-out split is empty")
             continue
         notes.append(src.note)
+        yield split, src
+
+
+def _load_files(cfg) -> Splits:
+    d = cfg.data
+    seen: dict[str, str] = {}
+    cache: dict[str, str | None] = {}
+    records: dict[str, list[Record]] = {"train": [], "eval": []}
+    problems: list[tuple[str, Problem]] = []
+    notes: list[str] = []
+    for split, src in file_splits(cfg, notes):
         good, bad = validate_entries(src.entries, d, seen, stop_at_first=d.on_error == "raise", image_cache=cache)
         if bad and d.on_error == "raise":
             raise VlrlcdError(

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlrlcd.datasets.checks import validate_entries
-from vlrlcd.datasets.load import data_dir, load_splits, read_split
+from vlrlcd.datasets.load import data_dir, file_splits, load_splits
 from vlrlcd.datasets.records import Entry, Problem
-from vlrlcd.errors import VlrlcdError
 
 
 @dataclass
@@ -84,13 +83,6 @@ def check_data(cfg) -> DataCheckSummary:
             entries = [Entry(f"{path}:{i + 1}", record=r) for i, r in enumerate(recs)]
             splits.append(_split_check(split, str(path), cfg.data.task, entries, cfg, seen, cache))
     else:
-        if not cfg.data.train_path:
-            raise VlrlcdError("data.task is 'file' but data.train_path is not set")
-        for split in ("train", "eval"):
-            src = read_split(cfg, split)
-            if src is None:
-                notes.append("eval: data.eval_path is not set; the held-out split is empty")
-                continue
-            notes.append(src.note)
+        for split, src in file_splits(cfg, notes):
             splits.append(_split_check(split, src.source, src.format, src.entries, cfg, seen, cache))
     return DataCheckSummary(cfg.data.task, cfg.data.on_error, splits, notes)
