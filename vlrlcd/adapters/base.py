@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
+from transformers import DynamicCache
 
 from vlrlcd.adapters.cache import expand_cache
 from vlrlcd.adapters.families import Family
@@ -47,6 +48,12 @@ class TokenLogprobs:
         """s(y) = Σ_t logp_t (or its mean over real tokens when `length_normalize`)."""
         total = (self.logp * self.mask).sum(-1)
         return total / self.mask.sum(-1).clamp(min=1) if length_normalize else total
+
+
+def _repeat_cache(cache: DynamicCache, k: int) -> DynamicCache:
+    """A cache whose batch is every row of `cache` repeated `k` times in place (row i -> rows i·k .. i·k+k-1)."""
+    return DynamicCache(ddp_cache_data=[(layer.keys.repeat_interleave(k, dim=0),
+                                         layer.values.repeat_interleave(k, dim=0)) for layer in cache.layers])
 
 
 def _logprobs_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -251,7 +258,82 @@ class StudentAdapter:
             out = self.model(input_ids=nxt.unsqueeze(1), past_key_values=cache, use_cache=True,
                              **self._positions(prefix, k, t, 1))
             cache, logits = out.past_key_values, out.logits[:, -1, :]
-        seqs = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(k)]
+        return self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(k)])
+
+    def batchable(self, prefixes: list[Prefix]) -> bool:
+        """Whether `sample_batch` decodes these prefixes together: families whose positions the model counts
+        from position_ids (text, LLaVA, LLaVA-NeXT). Qwen2-VL's 3-D mrope positions are per prefix
+        (`Prefix.next_position`) and its image-token types assume right padding: those sample one by one."""
+        return self.family.positions is None and all(
+            p.next_position is None and "position_ids" not in p.model_kwargs and "mm_token_type_ids" not in p.model_kwargs
+            for p in prefixes)
+
+    @torch.no_grad()
+    def sample_batch(self, prefixes: list[Prefix], k: int, max_new_tokens: int, temperature: float = 1.0,
+                     generators: list[torch.Generator | None] | None = None) -> list[list[list[int]]]:
+        """K continuations of EACH prefix in one batched decode: `[sample(prefixes[i], k, ..., generators[i])]`.
+
+        The prompts are left-padded into one [N, L] prefix pass (attention mask, positions counted over real
+        tokens), the cache is repeated K-fold per row, and the N·K rows decode together: one forward per new
+        token for the whole batch instead of one per token per prompt. Prompt i's K tokens are drawn with its
+        own generator from its own [K, V] probabilities, exactly as `sample` draws them, so its candidates
+        depend on (prefix i, generator i) only — not on the other prompts (up to the ~1e-6 change left padding
+        makes to the logits). Families that need per-prefix explicit positions (`batchable`) sample one by one."""
+        n = len(prefixes)
+        gens = list(generators) if generators is not None else [None] * n
+        if len(gens) != n:
+            raise ValueError(f"one generator per prefix: {len(gens)} for {n} prefixes")
+        if n == 0 or k == 0:
+            return [[] for _ in prefixes]
+        if n == 1 or not self.batchable(prefixes):
+            return [self.sample(p, k, max_new_tokens, temperature, g) for p, g in zip(prefixes, gens)]
+        device = self.device
+        lens = [p.input_ids.shape[1] for p in prefixes]
+        L = max(lens)
+        ids = torch.full((n, L), self.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros(n, L, dtype=torch.long, device=device)
+        for i, p in enumerate(prefixes):  # left padding: every prompt's last token at column L - 1
+            ids[i, L - lens[i]:] = p.input_ids[0]
+            attn[i, L - lens[i]:] = 1
+        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1, **kwargs)
+        cache = _repeat_cache(out.past_key_values, k)
+        logits = out.logits[:, -1, :].repeat_interleave(k, dim=0)            # [N·K, V], rows i·K .. i·K+K-1
+        attn = attn.repeat_interleave(k, dim=0)
+        next_pos = torch.tensor(lens, device=device).repeat_interleave(k)   # position of the first new token
+        eos = torch.tensor(self.eos_ids, device=device)
+        done = torch.zeros(n * k, dtype=torch.bool, device=device)
+        steps: list[torch.Tensor] = []
+        for t in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+                open_ = (~done).view(n, k).any(1).tolist()
+                nxt = torch.full((n * k,), self.pad_id, dtype=torch.long)
+                for i in range(n):  # a finished prompt draws nothing (its rows feed pad either way)
+                    if open_[i]:
+                        nxt[i * k:(i + 1) * k] = torch.multinomial(probs[i * k:(i + 1) * k], 1,
+                                                                   generator=gens[i]).squeeze(1)
+                nxt = nxt.to(device)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            steps.append(nxt)
+            done = done | torch.isin(nxt, eos)
+            if t == max_new_tokens - 1:
+                break
+            finished = bool(done.all())
+            if (finished if self.lockstep is None else self.lockstep(finished)):
+                break
+            attn = torch.cat([attn, attn.new_ones(n * k, 1)], dim=1)
+            out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=(next_pos + t)[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+        rows = self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n * k)])
+        return [rows[i * k:(i + 1) * k] for i in range(n)]
+
+    def _until_eos(self, seqs: list[list[int]]) -> list[list[int]]:
+        """Each row up to and including its first EOS (the pad fed after it dropped)."""
         result = []
         for row in seqs:
             out_row = []
