@@ -87,10 +87,12 @@ class Dist:
             how = f"fsdp: {layers} decoder layers sharded"
         else:
             sharding.check_zero3_adapters(student.model)
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":  # what ZeRO-3 does not hold: adapters, head, vision tower, buffers
                 for p in student.model.parameters():
                     if not hasattr(p, "ds_id"):
                         p.data = p.data.to(self.device)
+                for b in student.model.buffers():
+                    b.data = b.data.to(self.device)
             how = "deepspeed zero-3: the decoder stack partitioned"
         student.lockstep = self.all_done
         if self.is_main:
