@@ -1,5 +1,6 @@
-"""Stage II: local RL. For each prompt: sample K candidates, rank them against the stored anchor with
-the student's own judgement, and step on the objective. The teacher is never called from here.
+"""Stage II: local RL. Each step: sample K candidates for every prompt of the batch (one batched decode),
+rank each group against its stored anchor with the student's own judgement, and step on the objective
+(loss and backward group by group). The teacher is never called from here.
 
 Per prompt and step the image goes through the vision tower once: the features are shared by the
 sampling prefix, the scoring prefix, and the policy and reference log-prob passes.
@@ -28,7 +29,7 @@ from vlrlcd.training.common import (clipped_step, digest, gradient_skip, make_op
                                    activation_checkpointing)
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
-from vlrlcd.training.rollout import rollout, sample_generator
+from vlrlcd.training.rollout import rollout_batch, sample_generator
 from vlrlcd.training.session import Session
 from vlrlcd.training.steps import GROUP_LOSSES, StepContext
 
@@ -92,12 +93,15 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             lines, bad_ids, tokens, calls0 = [], [], 0.0, _call_counts(ctx)
-            for i in dist.shard(len(batch)):
+            mine = dist.shard(len(batch))
+            with dist.autocast():  # this process's prompts sampled in one batched decode, then ranked per group
+                student.model.eval()
+                groups = rollout_batch(student, [batch[i] for i in mine], [anchors[batch[i].id] for i in mine], cfg,
+                                       rcfg, max_new_tokens, [sample_generator(seed, step, i) for i in mine])
+                student.model.train()
+            for i, g in zip(mine, groups):
                 rec = batch[i]
                 with dist.autocast():
-                    student.model.eval()
-                    g = rollout(student, rec, anchors[rec.id], cfg, rcfg, max_new_tokens, sample_generator(seed, step, i))
-                    student.model.train()
                     loss, m = group_loss(student, g, cfg, ctx)
                 finite = bool(torch.isfinite(loss))
                 if not finite:

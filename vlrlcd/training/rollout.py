@@ -1,5 +1,6 @@
-"""Rollout: for one prompt, sample the candidates the objective needs and rank them against the stored
-anchor (no gradient).
+"""Rollout: for each prompt, sample the candidates the objective needs and rank them against the stored
+anchor (no gradient). A step's prompts are sampled together (`rollout_batch`: one batched decode for all of
+them, each prompt's draws from its own generator), then scored group by group.
 
 The image goes through the vision tower once; the features are shared by the sampling prefix, the
 scoring prefix and the later policy / reference log-prob passes (through `Group.prefix`).
@@ -13,6 +14,7 @@ without the anchor for self_ppo; none for sft2; no self-scoring where the reward
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -97,20 +99,51 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 def rollout(student: StudentAdapter, record: Record, anchor: str, cfg: TrainConfig, rcfg: RankingConfig,
             max_new_tokens: int, generator: torch.Generator) -> Group:
     """Sample the objective's candidates for one prompt and rank them against its anchor (no gradient)."""
-    plan = rollout_plan(cfg, rcfg, record, lockstep=student.lockstep is not None)
-    prefix = student.prefix(record.prompt, record.image)
+    return rollout_batch(student, [record], [anchor], cfg, rcfg, max_new_tokens, [generator])[0]
+
+
+def rollout_batch(student: StudentAdapter, records: Sequence[Record], anchors: Sequence[str], cfg: TrainConfig,
+                  rcfg: RankingConfig, max_new_tokens: int, generators: Sequence[torch.Generator]) -> list[Group]:
+    """`[rollout(student, records[i], anchors[i], ..., generators[i])]` with the step's sampling batched: every
+    prefix is built first (one vision pass per image), all prompts with the same k sample in ONE
+    `sample_batch` decode, then each group is scored and ranked on its own (no gradient)."""
+    if not len(records) == len(anchors) == len(generators):
+        raise ValueError(f"one anchor and one generator per record: {len(records)}, {len(anchors)}, {len(generators)}")
+    lockstep = student.lockstep is not None
+    plans = [rollout_plan(cfg, rcfg, r, lockstep=lockstep) for r in records]
+    prefixes = [student.prefix(r.prompt, r.image) for r in records]
     with torch.no_grad():
-        candidates = student.sample(prefix, plan.k, max_new_tokens, cfg.temperature, generator) if plan.k else []
-        scores = None
-        r = target = torch.zeros(0)
-        if plan.score != "none":
-            scorer = get_scorer(rcfg.scorer, rcfg)
-            ref_anchor = anchor if plan.score == "anchor" else None
-            if plan.score_with == "sft":
-                with student.reference():
-                    scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
-            else:
+        candidates = sample_plans(student, prefixes, plans, cfg.temperature, max_new_tokens, list(generators))
+        return [rank_group(student, r, a, plan, prefix, cands, rcfg)
+                for r, a, plan, prefix, cands in zip(records, anchors, plans, prefixes, candidates)]
+
+
+def sample_plans(student: StudentAdapter, prefixes: list[Prefix], plans: list[RolloutPlan], temperature: float,
+                 max_new_tokens: int, generators: list[torch.Generator]) -> list[list[list[int]]]:
+    """Each prefix's `plan.k` samples: one `sample_batch` call per distinct k > 0 (k == 0 samples nothing)."""
+    out: list[list[list[int]]] = [[] for _ in prefixes]
+    for k in sorted({p.k for p in plans if p.k > 0}):
+        idx = [i for i, p in enumerate(plans) if p.k == k]
+        for i, cands in zip(idx, student.sample_batch([prefixes[i] for i in idx], k, max_new_tokens, temperature,
+                                                      [generators[i] for i in idx])):
+            out[i] = cands
+    return out
+
+
+@torch.no_grad()
+def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: RolloutPlan, prefix: Prefix,
+               candidates: list[list[int]], rcfg: RankingConfig) -> Group:
+    """Score one prompt's candidates as `plan` says and build its Group (margins r_k and target D_x)."""
+    scores = None
+    r = target = torch.zeros(0)
+    if plan.score != "none":
+        scorer = get_scorer(rcfg.scorer, rcfg)
+        ref_anchor = anchor if plan.score == "anchor" else None
+        if plan.score_with == "sft":
+            with student.reference():
                 scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
-            r = margins(scores.candidates[None], scores.anchor.reshape(1))[0]
-            target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
+        else:
+            scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
+        r = margins(scores.candidates[None], scores.anchor.reshape(1))[0]
+        target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
     return Group(record, anchor, prefix, candidates, [student.decode(c) for c in candidates], scores, r, target)
