@@ -4,9 +4,10 @@ Both trainers start from the same saved tiny student, get the same B prompts eve
 prompt, the same max completion length, LoRA on the same modules, fp32 on CPU, the same KL weight β to the
 LoRA-disabled reference, AdamW with the same learning rate and gradient clipping.
 
-- vlrlcd (A): exactly the body of `vlrlcd.training.rl.train_rl` for one step: per prompt `rollout` (sample K,
-  score them with the student's anchor-conditioned self-likelihood, D_x), `GROUP_LOSSES["ldl_grpo"]`,
-  backward; then `clipped_step`.
+- vlrlcd (A): exactly the body of `vlrlcd.training.rl.train_rl` for one step: `rollout_batch` over the step's
+  prompts (K samples of every prompt in one batched decode, each group scored with the student's
+  anchor-conditioned self-likelihood, D_x), then per group `GROUP_LOSSES["ldl_grpo"]` and backward; then
+  `clipped_step`.
 - TRL (B): `GRPOTrainer.train()`, timed from `on_step_begin` to `on_step_end` (generation, reward, reference
   and policy passes, backward, clip, optimizer step). Its reward function is the same scorer vlrlcd ranks
   with (self-likelihood of each completion given the anchor, minus the anchor's own), run on TRL's model:
@@ -109,17 +110,18 @@ class OursStep:
 
     def __call__(self) -> float:
         from vlrlcd.training.common import clipped_step
-        from vlrlcd.training.rollout import rollout, sample_generator
+        from vlrlcd.training.rollout import rollout_batch, sample_generator
 
         t0 = time.perf_counter()
         student, cfg, step = self.student, self.cfg, self.step_index
         self.ctx.step = step
         tokens = 0
-        for i, rec in enumerate(self.batch):
-            student.model.eval()
-            g = rollout(student, rec, self.w.anchors[rec.id], cfg, self.rcfg, self.spec.max_new_tokens,
-                        sample_generator(self.spec.seed, step, i))
-            student.model.train()
+        student.model.eval()
+        groups = rollout_batch(student, self.batch, [self.w.anchors[r.id] for r in self.batch], cfg, self.rcfg,
+                               self.spec.max_new_tokens,
+                               [sample_generator(self.spec.seed, step, i) for i in range(len(self.batch))])
+        student.model.train()
+        for g in groups:
             loss, _ = self.group_loss(student, g, cfg, self.ctx)
             (loss / len(self.batch)).backward()
             tokens += sum(len(c) for c in g.candidates)
