@@ -16,7 +16,7 @@ import torch
 
 # (label, file suffix, function name): phases of one step, matched in the cProfile table.
 OURS_PHASES = [
-    ("rollout: sample K", "vlrlcd/adapters/base.py", "sample"),
+    ("rollout: sample K", "vlrlcd/adapters/base.py", "sample_batch"),
     ("rollout: score K+1 (ranking)", "vlrlcd/ranking/scorers.py", "self_likelihood"),
     ("loss: policy + reference log-probs", "vlrlcd/training/steps.py", "ldl_grpo_group_loss"),
     ("vision tower", "vlrlcd/adapters/base.py", "image_features"),

@@ -25,6 +25,7 @@ from vlrlcd.teacher.store import AnchorStore
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rollout import Group, rollout, rollout_plan, sample_generator
 from vlrlcd.training.steps import (
+    STEP_END,
     GROUP_LOSSES,
     StepContext,
     cached_token_values,
@@ -171,12 +172,20 @@ def test_self_ppo_running_baseline(tiny):
     with torch.no_grad():
         own = float(s.token_logprobs(prefix, g1.candidates).sequence(True)[0])
     assert r1 == pytest.approx(own, abs=1e-5)
+    # step 1: no baseline yet, each sample is its own (advantage 0); the baseline moves only at the step's end
     _, m1 = GROUP_LOSSES["self_ppo"](s, g1, tcfg, ctx)
     assert m1["baseline"] == pytest.approx(r1) and m1["advantage_mean"] == pytest.approx(0.0, abs=1e-6)
-    assert ctx.state["ppo_baseline"] == pytest.approx(r1)
     _, m2 = GROUP_LOSSES["self_ppo"](s, g2, tcfg, ctx)
-    assert m2["baseline"] == pytest.approx(r1) and m2["advantage_mean"] == pytest.approx(r2 - r1, abs=1e-5)
-    assert ctx.state["ppo_baseline"] == pytest.approx(0.9 * r1 + 0.1 * r2, abs=1e-6)
+    assert m2["baseline"] == pytest.approx(r2) and "ppo_baseline" not in ctx.state
+    STEP_END["self_ppo"](ctx, tcfg, {"reward_mean": (r1 + r2) / 2})
+    assert ctx.state["ppo_baseline"] == pytest.approx((r1 + r2) / 2, abs=1e-6)
+    # step 2: both groups against the same baseline, whatever process or order they run in
+    for g, r in ((g2, r2), (g1, r1)):
+        _, m = GROUP_LOSSES["self_ppo"](s, g, tcfg, ctx)
+        assert m["baseline"] == pytest.approx((r1 + r2) / 2) and m["advantage_mean"] == pytest.approx(
+            r - (r1 + r2) / 2, abs=1e-5)
+    STEP_END["self_ppo"](ctx, tcfg, {"reward_mean": 1.0})
+    assert ctx.state["ppo_baseline"] == pytest.approx(0.9 * (r1 + r2) / 2 + 0.1, abs=1e-6)
 
 
 def test_rlsd_lambda_decays_with_the_step(tiny):

@@ -15,7 +15,7 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rollout import rollout, sample_generator
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+from vlrlcd.training.steps import GROUP_LOSSES, STEP_END, StepContext
 
 TINY = TinyConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
                   vision_hidden_size=32, vision_layers=1)
@@ -81,5 +81,9 @@ def train_steps(student, recs, anchors, tcfg: TrainConfig, rcfg: RankingConfig, 
             out.append({"loss": float(loss.detach()), **m, "group": g})
         opt.step()
         opt.zero_grad(set_to_none=True)
+        rows = out[-len(recs):]
+        if tcfg.objective in STEP_END:
+            STEP_END[tcfg.objective](ctx, tcfg, {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]
+                                                 if all(isinstance(r.get(k), float) for r in rows)})
     student.model.eval()
     return out

@@ -31,7 +31,7 @@ from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import rollout_batch, sample_generator
 from vlrlcd.training.session import Session
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+from vlrlcd.training.steps import GROUP_LOSSES, STEP_END, StepContext
 
 
 def rl_order(pool: list[Record], steps: int, batch_size: int, seed: int) -> list[Record]:
@@ -137,6 +137,8 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
             means = {k: v / counts[k] for k, v in sums.items()}
             kl = means.get("kl_ref", means.get("kl", 0.0))
             calls_total = _merge([calls_total] + [p[5] for p in parts])
+            if cfg.objective in STEP_END:  # e.g. self_ppo's baseline, from metrics every process agrees on
+                STEP_END[cfg.objective](ctx, cfg, means)
             session.log(step + 1, {**means, "kl": kl, "grad_norm": norm, "teacher_calls": teacher_calls,
                                    **calls_total, "prompts_without_anchor": skipped},
                               ok, reason, tokens, step_seconds=time.time() - ts, count_bad=bad_counts)

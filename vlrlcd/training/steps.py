@@ -244,7 +244,8 @@ def judge_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfi
 
 def self_ppo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """PPO-clip on one sample, reward = the student's own score of it without the anchor, advantage
-    A = R − b against the running baseline b in ctx.state (updated after use). No teacher signal."""
+    A = R − b against the running baseline b in ctx.state (the sample's own reward before the first step's
+    end; STEP_END updates b with the step's mean reward over every process). No teacher signal."""
     if group.scores is None or len(group.candidates) != 1:
         raise VlrlcdError("self_ppo needs one sample scored without the anchor (see rollout_plan)")
     reward = group.scores.candidates.float()
@@ -253,8 +254,15 @@ def self_ppo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig,
     policy = student.token_logprobs(group.prefix, group.candidates)
     ref = _reference_logp(student, group.prefix, group.candidates) if cfg.beta != 0 else None
     loss, m = ppo_clip_loss(policy.logp, None, policy.mask, reward.to(policy.logp), baseline, cfg.ppo_eps, ref, cfg.beta)
-    ctx.state["ppo_baseline"] = update_baseline(old, reward, cfg.ppo_baseline_momentum)
     return loss, m
+
+
+def self_ppo_step_end(ctx: StepContext, cfg: TrainConfig, means: dict[str, float]) -> None:
+    """b ← m·b + (1 − m)·(the step's mean reward): once per step, from metrics every process agrees on, so
+    the baseline is the same on every process and for any split of the batch."""
+    if "reward_mean" in means:
+        ctx.state["ppo_baseline"] = update_baseline(ctx.state.get("ppo_baseline"),
+                                                    torch.tensor([means["reward_mean"]]), cfg.ppo_baseline_momentum)
 
 
 def rlsd_rewards(group: Group) -> torch.Tensor:
@@ -363,6 +371,9 @@ def tvkd_dpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig,
                             cfg.dpo_beta, cfg.tvkd_gamma_s)
     return loss, {**m, "tokens": float(pb.mask.sum())}
 
+
+# per objective, what the loop runs after each step with the step's metrics averaged over every group
+STEP_END: dict[str, Callable[[StepContext, TrainConfig, dict], None]] = {"self_ppo": self_ppo_step_end}
 
 GROUP_LOSSES: dict[str, Callable] = {
     "ldl_grpo": ldl_grpo_group_loss,
