@@ -50,8 +50,9 @@ class TokenLogprobs:
         return total / self.mask.sum(-1).clamp(min=1) if length_normalize else total
 
 
-def _repeat_cache(cache: DynamicCache, k: int) -> DynamicCache:
-    """A cache whose batch is every row of `cache` repeated `k` times in place (row i -> rows i·k .. i·k+k-1)."""
+def _repeat_cache(cache: DynamicCache, k: int | torch.Tensor) -> DynamicCache:
+    """A cache whose batch is every row of `cache` repeated in place: `k` times each (row i -> rows i·k ..
+    i·k+k-1), or k[i] times row i when `k` is a tensor of per-row counts."""
     return DynamicCache(ddp_cache_data=[(layer.keys.repeat_interleave(k, dim=0),
                                          layer.values.repeat_interleave(k, dim=0)) for layer in cache.layers])
 
@@ -288,20 +289,7 @@ class StudentAdapter:
         if n == 1 or not self.batchable(prefixes):
             return [self.sample(p, k, max_new_tokens, temperature, g) for p, g in zip(prefixes, gens)]
         device = self.device
-        lens = [p.input_ids.shape[1] for p in prefixes]
-        L = max(lens)
-        ids = torch.full((n, L), self.pad_id, dtype=torch.long, device=device)
-        attn = torch.zeros(n, L, dtype=torch.long, device=device)
-        for i, p in enumerate(prefixes):  # left padding: every prompt's last token at column L - 1
-            ids[i, L - lens[i]:] = p.input_ids[0]
-            attn[i, L - lens[i]:] = 1
-        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                         use_cache=True, logits_to_keep=1, **kwargs)
-        cache = _repeat_cache(out.past_key_values, k)
-        logits = out.logits[:, -1, :].repeat_interleave(k, dim=0)            # [N·K, V], rows i·K .. i·K+K-1
-        attn = attn.repeat_interleave(k, dim=0)
-        next_pos = torch.tensor(lens, device=device).repeat_interleave(k)   # position of the first new token
+        cache, logits, attn, next_pos = self._left_padded_prefix(prefixes, [k] * n)  # rows i·K .. i·K+K-1
         eos = torch.tensor(self.eos_ids, device=device)
         done = torch.zeros(n * k, dtype=torch.bool, device=device)
         steps: list[torch.Tensor] = []
@@ -331,6 +319,75 @@ class StudentAdapter:
             cache, logits = out.past_key_values, out.logits[:, -1, :]
         rows = self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n * k)])
         return [rows[i * k:(i + 1) * k] for i in range(n)]
+
+    def _left_padded_prefix(self, prefixes: list[Prefix], repeats: list[int]):
+        """One left-padded [N, L] pass over the prefixes (attention mask; positions counted over real tokens, so
+        every prompt's last token sits at column L - 1 with its own position). Returns the cache, the last
+        logits [R, V] and the attention mask [R, L] with row i repeated repeats[i] times (R = Σ repeats), and
+        each row's position of the first continuation token [R]. Gradient flows when grad is enabled."""
+        device = self.device
+        lens = [p.input_ids.shape[1] for p in prefixes]
+        n, L = len(prefixes), max(lens)
+        ids = torch.full((n, L), self.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros(n, L, dtype=torch.long, device=device)
+        for i, p in enumerate(prefixes):
+            ids[i, L - lens[i]:] = p.input_ids[0]
+            attn[i, L - lens[i]:] = 1
+        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1, **kwargs)
+        reps = torch.tensor(repeats, device=device)
+        return (_repeat_cache(out.past_key_values, reps), out.logits[:, -1, :].repeat_interleave(reps, dim=0),
+                attn.repeat_interleave(reps, dim=0), torch.tensor(lens, device=device).repeat_interleave(reps))
+
+    def token_logprobs_batch(self, prefixes: list[Prefix], responses: list[list[list[int]]]) -> list[TokenLogprobs]:
+        """`[token_logprobs(prefixes[i], responses[i])]` in two forwards for all of them (grad if grad is enabled).
+
+        One left-padded prefix pass over the N prompts (`_left_padded_prefix`), each row's cache repeated for its
+        K_i responses; y_1 is scored from the prefix's last logits, y_2..y_T from one pass of the ΣK_i right-padded
+        rows (continuation positions counted on from each prompt's real length). Each prompt gets its own [K_i,
+        T_i] slice, equal to its `token_logprobs` up to the ~1e-6 left padding makes. Under `lockstep` the
+        continuation pass always runs (as in token_logprobs); with checkpointing one full-sequence
+        `batch_token_logprobs`; families that `batchable` rejects (per-prefix positions) run prompt by prompt.
+        A prompt with no response gets empty [0, 0] tensors and adds no row."""
+        if len(prefixes) != len(responses):
+            raise ValueError(f"one list of responses per prefix: {len(responses)} for {len(prefixes)} prefixes")
+        used = [i for i, rs in enumerate(responses) if rs]
+        out = [self._empty_logprobs() for _ in prefixes]
+        if len(used) <= 1 or not self.batchable([prefixes[i] for i in used]):
+            for i in used:
+                out[i] = self.token_logprobs(prefixes[i], responses[i])
+            return out
+        counts = [len(responses[i]) for i in used]
+        rows = [r for i in used for r in responses[i]]
+        if self.checkpointing:  # no KV cache inside checkpointed layers: every row as a full sequence
+            tl = self.batch_token_logprobs([prefixes[i] for i, c in zip(used, counts) for _ in range(c)], rows)
+        else:
+            ids, mask = self._pad(rows)
+            R, T = ids.shape
+            cache, last, attn, next_pos = self._left_padded_prefix([prefixes[i] for i in used], counts)
+            first = _logprobs_of(last, ids[:, 0])[:, None]
+            if T == 1 and self.lockstep is None:
+                logp = first
+            else:  # in lockstep the continuation pass always runs (one token, unused, when T == 1)
+                C = max(T - 1, 1)
+                attn = torch.cat([attn, attn.new_ones(R, C)], dim=1)  # right padding: a real token never sees a pad
+                pos = next_pos[:, None] + torch.arange(C, device=ids.device)[None, :]
+                logits = self.model(input_ids=ids[:, :C], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                                    use_cache=True).logits[:, : T - 1]
+                logp = torch.cat([first, _logprobs_of(logits, ids[:, 1:])], dim=1)
+            tl = TokenLogprobs(logp * mask, mask, ids)
+        start = 0
+        for i, c in zip(used, counts):  # each prompt's rows, cut to its own longest response
+            t = max(len(r) for r in responses[i])
+            out[i] = TokenLogprobs(tl.logp[start:start + c, :t], tl.mask[start:start + c, :t], tl.ids[start:start + c, :t])
+            start += c
+        return out
+
+    def _empty_logprobs(self) -> TokenLogprobs:
+        device = self.device
+        return TokenLogprobs(torch.zeros(0, 0, device=device), torch.zeros(0, 0, device=device),
+                             torch.zeros(0, 0, dtype=torch.long, device=device))
 
     def _until_eos(self, seqs: list[list[int]]) -> list[list[int]]:
         """Each row up to and including its first EOS (the pad fed after it dropped)."""
