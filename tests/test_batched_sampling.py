@@ -225,8 +225,10 @@ def test_rollout_batch_groups_equal_per_prompt_rollouts(name, students, images):
         one = rollout(student, recs[i], anchors[i], cfg, rcfg, M, sample_generator(0, 2, i))
         assert g.record is recs[i] and g.anchor == anchors[i] and len(g.candidates) == 3
         assert g.candidates == one.candidates and g.texts == one.texts
-        assert torch.equal(g.scores.candidates, one.scores.candidates) and torch.equal(g.scores.anchor, one.scores.anchor)
-        assert torch.equal(g.margins, one.margins) and torch.equal(g.target, one.target)
+        # the step's groups are scored in one batched pass (left padding: equal up to ~1e-6)
+        close = lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-5)  # noqa: E731
+        assert close(g.scores.candidates, one.scores.candidates) and close(g.scores.anchor, one.scores.anchor)
+        assert close(g.margins, one.margins) and close(g.target, one.target)
         assert torch.equal(g.prefix.input_ids, one.prefix.input_ids)
     # sft2 samples nothing; a mismatched list is refused
     none = rollout_batch(student, recs, anchors, TrainConfig(objective="sft2"), rcfg, M, gens(3))

@@ -13,16 +13,17 @@ without the anchor for self_ppo; none for sft2; no self-scoring where the reward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from vlrlcd.adapters.base import Prefix, StudentAdapter
+from vlrlcd.adapters.base import Prefix, StudentAdapter, TokenLogprobs
 from vlrlcd.datasets.records import Record
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.core import margins, target_distribution
-from vlrlcd.ranking.scorers import Scores, get_scorer
+from vlrlcd.ranking.scorers import BATCH_SCORERS, ScoreItem, Scores, get_scorer
 from vlrlcd.training.config import TrainConfig
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class Group:
     scores: Scores | None
     margins: torch.Tensor   # [K] (or [0] when not ranked)
     target: torch.Tensor    # [K] (or [0])
+    # this group's slices of the loop's batched log-prob passes over the candidates (steps.batched_passes:
+    # "policy", "reference", "privileged"); empty: the group loss runs its own passes
+    passes: dict[str, TokenLogprobs] = field(default_factory=dict)
 
     @property
     def ranked(self) -> bool:
@@ -114,8 +118,29 @@ def rollout_batch(student: StudentAdapter, records: Sequence[Record], anchors: S
     prefixes = [student.prefix(r.prompt, r.image) for r in records]
     with torch.no_grad():
         candidates = sample_plans(student, prefixes, plans, cfg.temperature, max_new_tokens, list(generators))
-        return [rank_group(student, r, a, plan, prefix, cands, rcfg)
-                for r, a, plan, prefix, cands in zip(records, anchors, plans, prefixes, candidates)]
+        scores = score_batch(student, records, anchors, plans, prefixes, candidates, rcfg)
+        return [rank_group(student, r, a, plan, prefix, cands, rcfg, s)
+                for r, a, plan, prefix, cands, s in zip(records, anchors, plans, prefixes, candidates, scores)]
+
+
+@torch.no_grad()
+def score_batch(student: StudentAdapter, records: Sequence[Record], anchors: Sequence[str], plans: list[RolloutPlan],
+                prefixes: list[Prefix], candidates: list[list[list[int]]], rcfg: RankingConfig) -> list[Scores | None]:
+    """The scores of every group `plan` says to score, in one batched scorer call per adapter when the scorer
+    has a batched form (`BATCH_SCORERS`: self_likelihood); None where the group is left to `rank_group`
+    (not scored, or a scorer that runs group by group)."""
+    out: list[Scores | None] = [None] * len(records)
+    batched = BATCH_SCORERS.get(rcfg.scorer)
+    if batched is None:
+        return out
+    for score_with in sorted({p.score_with for p in plans if p.score != "none"}):
+        idx = [i for i, p in enumerate(plans) if p.score != "none" and p.score_with == score_with]
+        items = [ScoreItem(records[i].prompt, records[i].image, anchors[i] if plans[i].score == "anchor" else None,
+                           candidates[i], prefixes[i].image_features) for i in idx]
+        with student.reference() if score_with == "sft" else contextlib.nullcontext():
+            for i, s in zip(idx, batched(student, items)):
+                out[i] = s
+    return out
 
 
 def sample_plans(student: StudentAdapter, prefixes: list[Prefix], plans: list[RolloutPlan], temperature: float,
@@ -132,11 +157,13 @@ def sample_plans(student: StudentAdapter, prefixes: list[Prefix], plans: list[Ro
 
 @torch.no_grad()
 def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: RolloutPlan, prefix: Prefix,
-               candidates: list[list[int]], rcfg: RankingConfig) -> Group:
-    """Score one prompt's candidates as `plan` says and build its Group (margins r_k and target D_x)."""
-    scores = None
+               candidates: list[list[int]], rcfg: RankingConfig, scores: Scores | None = None) -> Group:
+    """Score one prompt's candidates as `plan` says (unless `scores` were computed in a batch) and build its
+    Group (margins r_k and target D_x)."""
     r = target = torch.zeros(0)
-    if plan.score != "none":
+    if plan.score == "none":
+        scores = None
+    elif scores is None:
         scorer = get_scorer(rcfg.scorer, rcfg)
         ref_anchor = anchor if plan.score == "anchor" else None
         if plan.score_with == "sft":
@@ -144,6 +171,7 @@ def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: Rollo
                 scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
         else:
             scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
+    if scores is not None:
         r = margins(scores.candidates[None], scores.anchor.reshape(1))[0]
         target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
     return Group(record, anchor, prefix, candidates, [student.decode(c) for c in candidates], scores, r, target)
