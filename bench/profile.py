@@ -17,8 +17,9 @@ import torch
 # (label, file suffix, function name): phases of one step, matched in the cProfile table.
 OURS_PHASES = [
     ("rollout: sample K", "vlrlcd/adapters/base.py", "sample_batch"),
-    ("rollout: score K+1 (ranking)", "vlrlcd/ranking/scorers.py", "self_likelihood"),
-    ("loss: policy + reference log-probs", "vlrlcd/training/steps.py", "ldl_grpo_group_loss"),
+    ("rollout: score K+1 (ranking, all groups batched)", "vlrlcd/ranking/scorers.py", "self_likelihood_batch"),
+    ("loss: policy + reference log-probs (all groups batched)", "vlrlcd/training/steps.py", "batched_passes"),
+    ("loss: group losses from their slices", "vlrlcd/training/steps.py", "ldl_grpo_group_loss"),
     ("vision tower", "vlrlcd/adapters/base.py", "image_features"),
     ("backward", "torch/autograd/graph.py", "_engine_run_backward"),
     ("optimizer step", "vlrlcd/training/common.py", "clipped_step"),

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,8 @@ from vlrlcd.training import checkpoint as ckpt
 from vlrlcd.training import sharding
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, setup_distributed
-from vlrlcd.training.rl import train_rl
-from vlrlcd.training.rollout import rollout, sample_generator
+from vlrlcd.training.rl import losses_and_backward, train_rl
+from vlrlcd.training.rollout import rollout, rollout_batch, sample_generator
 from vlrlcd.training.steps import GROUP_LOSSES, StepContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,6 +342,59 @@ def test_every_objective_makes_the_same_passes_for_every_kind_of_group(objective
     assert all(p == rollout_passes[0] for p in rollout_passes), rollout_passes
     assert all(p == loss_passes[0] for p in loss_passes), loss_passes
     assert any(loss_passes[0])  # the loss goes through the model with gradient
+
+
+@pytest.mark.parametrize("objective", sorted(GROUP_LOSSES))
+def test_every_step_of_the_loop_makes_the_same_passes_whatever_its_groups(objective, text_student, tmp_path):
+    """The lockstep invariant at the loop's level, where a step's log-prob passes are batched across its groups
+    (rollout_batch, then losses_and_backward): a step whose groups are all verifiable, all unverifiable, all
+    without a preference pair, or all judge-failed makes the same forwards (and as many backwards) as any other."""
+    student, root = text_student
+    recs, anchors = records("text", tmp_path)
+    cfg = TrainConfig(objective=objective, k=3, tvkd_teacher=str(root / "base"))
+    rcfg = RankingConfig()
+    sharded = Dist(rank=0, world=2, fsdp=sharding.FSDPSettings())
+    param = student.trainable_parameters()[0]
+    cache: dict = {}  # one tvkd teacher for every step
+    student.lockstep = lambda done: done
+    try:
+        def step_rollout(batch):
+            student.model.eval()
+            return rollout_batch(student, batch, [anchors[r.id] for r in batch], cfg, rcfg, MAX_NEW,
+                                 [sample_generator(0, 0, i) for i in range(len(batch))])
+
+        rollout_passes, box = [], {}
+        for batch in ([recs[0], recs[1]], [recs[0], recs[0]], [recs[1], recs[1]]):
+            rollout_passes.append(_passes(student, lambda: box.update(groups=step_rollout(batch))))
+        verifiable, plain = step_rollout(recs)
+        tie = replace(plain, candidates=[student.encode_response(plain.anchor)] * len(plain.candidates),
+                      texts=[plain.anchor] * len(plain.candidates), margins=torch.zeros_like(plain.margins),
+                      target=torch.full_like(plain.target, 1.0 / max(1, plain.target.numel())))
+        steps = {"mixed": ([verifiable, plain], False), "verifiable": ([verifiable, verifiable], False),
+                 "unverifiable": ([plain, plain], False), "no pair": ([tie, tie], False),
+                 "judge failed": ([verifiable, plain], True), "no pair, judge failed": ([tie, plain], True)}
+        seen = {}
+        for name, (groups, judge_fails) in steps.items():
+            ctx = StepContext(step=0, total_steps=1, ranking=rcfg, judge=_Judge(judge_fails), cache=cache)
+            groups = [replace(g, passes={}) for g in groups]
+            backwards: list[int] = []
+            hook = param.register_hook(lambda grad: backwards.append(1))
+            student.model.train()
+            try:
+                forwards = _passes(student, lambda: losses_and_backward(student, groups, GROUP_LOSSES[objective], cfg,
+                                                                        ctx, 2, sharded))
+            finally:
+                hook.remove()
+                student.model.zero_grad(set_to_none=True)
+                student.model.eval()
+            seen[name] = (forwards, len(backwards))
+    finally:
+        student.lockstep = None
+        student.model.eval()
+    assert all(p == rollout_passes[0] for p in rollout_passes), rollout_passes
+    first = next(iter(seen.values()))
+    assert all(v == first for v in seen.values()), seen
+    assert any(first[0]) and first[1] >= 1  # the loss goes through the model with gradient, and backward runs
 
 
 def test_zero3_refuses_a_trainable_copy_of_a_partitioned_module():

@@ -37,6 +37,7 @@ class TrainConfig:
     grad_accum: int = 1                # micro-batches per SFT step on each process (an RL group is always its own)
     mixed_precision: str = "no"        # no | bf16 | fp16: autocast (fp16 adds a dynamic loss scaler)
     gradient_checkpointing: bool = False  # recompute activations in backward (SFT; the RL prefix cache forbids it)
+    group_chunk: int = 0               # RL groups per batched policy / reference pass and backward (0: all of a process's prompts; lower bounds memory)
     tensorboard: bool = True           # RUN/<stage>/tb event files when tensorboard is installed
     # GRPO family (anchor_grpo, judge_grpo, rlsd)
     grpo_loss_type: str = "dapo"       # dapo | bnpo | grpo | dr_grpo: token aggregation (as TRL names it)
@@ -65,6 +66,8 @@ class TrainConfig:
             raise VlrlcdError(f"train.k must be >= 2 (a group to rank), got {self.k}")
         if self.temperature <= 0:
             raise VlrlcdError(f"train.temperature must be > 0, got {self.temperature}")
+        if self.group_chunk < 0:
+            raise VlrlcdError(f"train.group_chunk must be >= 0 (0: all of a step's prompts in one pass), got {self.group_chunk}")
         if self.grad_accum < 1:
             raise VlrlcdError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

@@ -1,6 +1,8 @@
 """Stage II: local RL. Each step: sample K candidates for every prompt of the batch (one batched decode),
-rank each group against its stored anchor with the student's own judgement, and step on the objective
-(loss and backward group by group). The teacher is never called from here.
+rank the groups against their stored anchors with the student's own judgement (one batched scoring pass),
+and step on the objective: the policy and reference log-probs of all groups in one batched pass each, every
+group's loss from its slice, one backward over their sum (`losses_and_backward`). The teacher is never
+called from here.
 
 Per prompt and step the image goes through the vision tower once: the features are shared by the
 sampling prefix, the scoring prefix, and the policy and reference log-prob passes.
@@ -31,7 +33,7 @@ from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import rollout_batch, sample_generator
 from vlrlcd.training.session import Session
-from vlrlcd.training.steps import GROUP_LOSSES, STEP_END, StepContext
+from vlrlcd.training.steps import GROUP_LOSSES, STEP_END, StepContext, batched_passes, group_passes
 
 
 def rl_order(pool: list[Record], steps: int, batch_size: int, seed: int) -> list[Record]:
@@ -99,18 +101,10 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
                 groups = rollout_batch(student, [batch[i] for i in mine], [anchors[batch[i].id] for i in mine], cfg,
                                        rcfg, max_new_tokens, [sample_generator(seed, step, i) for i in mine])
                 student.model.train()
-            for i, g in zip(mine, groups):
-                rec = batch[i]
-                with dist.autocast():
-                    loss, m = group_loss(student, g, cfg, ctx)
-                finite = bool(torch.isfinite(loss))
+            results = losses_and_backward(student, groups, group_loss, cfg, ctx, len(batch), dist, scaler)
+            for i, g, (m, finite) in zip(mine, groups, results):
                 if not finite:
-                    bad_ids.append(rec.id)
-                    if not dist.sharded:
-                        continue  # (under FSDP the backward still runs: the step is discarded on every process)
-                scaled = loss / len(batch)
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                if not finite:
+                    bad_ids.append(batch[i].id)
                     continue
                 tokens += m.get("tokens", 0.0)
                 if _ranked(g):
@@ -150,6 +144,33 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
         session.finish(loop_state)
     student.model.eval()
     return session.rows
+
+
+def losses_and_backward(student: StudentAdapter, groups: list, group_loss, cfg: TrainConfig, ctx: StepContext,
+                        denom: int, dist: Dist, scaler=None) -> list[tuple[dict, bool]]:
+    """Each group's (metrics, finite), with ONE backward per chunk of `train.group_chunk` groups (0: all) over
+    Σ finite losses / `denom`. For the objectives that read all K candidates' log-probs (`group_passes`) each
+    chunk's policy, reference (and rlsd's privileged) log-probs come from one batched pass per kind
+    (`batched_passes`); the others run group by group (chunks of one). A non-finite loss is left out of the
+    sum; under FSDP (`dist.sharded`) it stays in, so every process runs the same backward (the step is then
+    discarded everywhere)."""
+    size = (cfg.group_chunk or len(groups)) if group_passes(cfg) else 1
+    out: list[tuple[dict, bool]] = []
+    for c0 in range(0, len(groups), max(size, 1)):
+        chunk, total = groups[c0:c0 + size], None
+        with dist.autocast():
+            batched_passes(student, chunk, cfg)
+            for g in chunk:
+                loss, m = group_loss(student, g, cfg, ctx)
+                finite = bool(torch.isfinite(loss))
+                out.append((m, finite))
+                if finite or dist.sharded:
+                    total = loss / denom if total is None else total + loss / denom
+        for g in chunk:
+            g.passes.clear()  # the chunk's graph is freed by its backward; drop the references too
+        if total is not None:
+            (scaler.scale(total) if scaler is not None else total).backward()
+    return out
 
 
 def _call_counts(ctx) -> dict[str, int]:

@@ -4,6 +4,10 @@ The RL loop (rl.py) samples and ranks (rollout.py); these turn a group into a lo
 log-probs and the pure objective functions in vlrlcd/objectives/. The reference policy is always the
 frozen SFT adapter switched in on the same weights (`student.reference()`), never a second model.
 Every loss returned is attached to the graph (a group with nothing to learn from gives a zero leaf).
+
+The objectives that read all K candidates' log-probs (`group_passes`) take them through
+`candidate_logprobs`: the group's slice of the loop's batched passes over many groups (`batched_passes`),
+or, called on a group alone, the group's own passes — the same values either way.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from vlrlcd.adapters.base import StudentAdapter
+from vlrlcd.adapters.base import StudentAdapter, TokenLogprobs
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.objectives.dpo import dpo_loss
 from vlrlcd.objectives.grpo import group_advantages, grpo_loss
@@ -95,6 +99,63 @@ def _reference_logp(student: StudentAdapter, prefix, responses: list[list[int]])
         return student.token_logprobs(prefix, responses).logp
 
 
+def _privileged_prefix(student: StudentAdapter, group: Group):
+    """rlsd's privileged context: the scoring prompt (the anchor in context), the prompt's image features reused."""
+    return student.prefix(scoring_prompt(group.record.prompt, group.anchor), group.record.image,
+                          features=group.prefix.image_features)
+
+
+def candidate_logprobs(student: StudentAdapter, group: Group, kind: str) -> TokenLogprobs:
+    """Token log-probs of the group's K candidates: "policy" (grad), "reference" (the frozen SFT adapter) or
+    "privileged" (the policy with the anchor in context), both without grad. The group's slice of the loop's
+    batched pass (`batched_passes`) when there is one, else the pass run for this group alone."""
+    done = group.passes.get(kind)
+    if done is not None:
+        return done
+    if kind == "policy":
+        return student.token_logprobs(group.prefix, group.candidates)
+    with torch.no_grad():
+        if kind == "reference":
+            with student.reference():
+                return student.token_logprobs(group.prefix, group.candidates)
+        if kind == "privileged":
+            return student.token_logprobs(_privileged_prefix(student, group), group.candidates)
+    raise ValueError(f"unknown pass '{kind}'")
+
+
+def group_passes(cfg: TrainConfig) -> tuple[str, ...]:
+    """The passes over all K candidates that `cfg.objective`'s group loss reads (in the order it runs them),
+    which the loop batches across groups; () for the objectives that score subsets (DPO family, sft2)."""
+    ref = ("reference",) if cfg.beta != 0 else ()
+    if cfg.objective in ("ldl_grpo", "anchor_grpo", "judge_grpo", "self_ppo"):
+        return ("policy",) + ref
+    if cfg.objective == "rlsd":
+        return ("policy", "privileged") + ref
+    return ()
+
+
+def batched_passes(student: StudentAdapter, groups: list[Group], cfg: TrainConfig) -> None:
+    """Fill each group's `passes` with its slice of ONE `token_logprobs_batch` per pass kind over all `groups`
+    (two forwards each instead of two per group): policy with gradient (when grad is on), the reference under
+    the SFT adapter and rlsd's privileged context without. The group losses read them through
+    `candidate_logprobs` and give the same values as their own per-group passes (up to ~1e-6)."""
+    kinds = group_passes(cfg)
+    if not kinds or not groups:
+        return
+    for kind in kinds:
+        if kind == "policy":
+            tls = student.token_logprobs_batch([g.prefix for g in groups], [g.candidates for g in groups])
+        elif kind == "reference":
+            with torch.no_grad(), student.reference():
+                tls = student.token_logprobs_batch([g.prefix for g in groups], [g.candidates for g in groups])
+        else:
+            with torch.no_grad():
+                tls = student.token_logprobs_batch([_privileged_prefix(student, g) for g in groups],
+                                                   [g.candidates for g in groups])
+        for g, tl in zip(groups, tls):
+            g.passes[kind] = tl
+
+
 def _with_reward_stats(metrics: dict, rewards: torch.Tensor) -> dict:
     rewards = rewards.float()
     return {**metrics, "reward_mean": float(rewards.mean()),
@@ -103,8 +164,8 @@ def _with_reward_stats(metrics: dict, rewards: torch.Tensor) -> dict:
 
 def _grpo(student: StudentAdapter, group: Group, rewards: torch.Tensor, cfg: TrainConfig) -> LossOut:
     """GRPO on the group's K candidates with group-normalised advantages of `rewards` [K]."""
-    policy = student.token_logprobs(group.prefix, group.candidates)
-    ref = _reference_logp(student, group.prefix, group.candidates)[None] if cfg.beta != 0 else None
+    policy = candidate_logprobs(student, group, "policy")
+    ref = candidate_logprobs(student, group, "reference").logp[None] if cfg.beta != 0 else None
     adv = group_advantages(rewards.to(policy.logp)[None], cfg.scale_rewards)
     loss, m = grpo_loss(policy.logp[None], None, ref, policy.mask[None], adv, cfg.beta, cfg.eps_low, cfg.eps_high,
                         cfg.grpo_loss_type)
@@ -155,8 +216,8 @@ def _no_pair(student: StudentAdapter, group: Group) -> LossOut:
 # ------------------------------------------------------------------ objectives
 def ldl_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """KL(D_x ‖ q_θ) + β·KL(π_θ ‖ π_sft) for one group; the reference is an adapter switch."""
-    policy = student.token_logprobs(group.prefix, group.candidates)
-    ref = _reference_logp(student, group.prefix, group.candidates)[None] if cfg.beta != 0 else None
+    policy = candidate_logprobs(student, group, "policy")
+    ref = candidate_logprobs(student, group, "reference").logp[None] if cfg.beta != 0 else None
     return ldl_grpo_loss(policy.logp[None], ref, policy.mask[None], group.target[None].to(policy.logp), cfg.beta,
                          cfg.length_normalize)
 
@@ -251,8 +312,8 @@ def self_ppo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig,
     reward = group.scores.candidates.float()
     old = ctx.state.get("ppo_baseline")
     baseline = float(reward.mean()) if old is None else float(old)
-    policy = student.token_logprobs(group.prefix, group.candidates)
-    ref = _reference_logp(student, group.prefix, group.candidates) if cfg.beta != 0 else None
+    policy = candidate_logprobs(student, group, "policy")
+    ref = candidate_logprobs(student, group, "reference").logp if cfg.beta != 0 else None
     loss, m = ppo_clip_loss(policy.logp, None, policy.mask, reward.to(policy.logp), baseline, cfg.ppo_eps, ref, cfg.beta)
     return loss, m
 
@@ -282,12 +343,9 @@ def rlsd_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx
     w_t from Δ_t = log p(y_t | x, anchor in context) − log p(y_t | x) (the same student, no gradient);
     λ decays linearly from rlsd_lambda0 to 0 over rlsd_decay_steps (default: the whole stage)."""
     rewards = rlsd_rewards(group)
-    policy = student.token_logprobs(group.prefix, group.candidates)
-    with torch.no_grad():
-        privileged = student.prefix(scoring_prompt(group.record.prompt, group.anchor), group.record.image,
-                                    features=group.prefix.image_features)
-        priv = student.token_logprobs(privileged, group.candidates).logp
-    ref = _reference_logp(student, group.prefix, group.candidates)[None] if cfg.beta != 0 else None
+    policy = candidate_logprobs(student, group, "policy")
+    priv = candidate_logprobs(student, group, "privileged").logp
+    ref = candidate_logprobs(student, group, "reference").logp[None] if cfg.beta != 0 else None
     decay = ctx.total_steps if cfg.rlsd_decay_steps is None else cfg.rlsd_decay_steps
     lam = rlsd_lambda(ctx.step, cfg.rlsd_lambda0, decay)
     adv = group_advantages(rewards.to(policy.logp)[None], cfg.scale_rewards)
