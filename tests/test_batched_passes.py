@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from test_steps_common import Forwards
 from vlrlcd.adapters.config import LoraConfig, StudentConfig, TinyConfig
 from vlrlcd.adapters.loader import load_student
 from vlrlcd.adapters.tiny import BUILDERS
@@ -60,23 +61,6 @@ def load(path: str, seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     student.model.train()
     return student
-
-
-class Forwards:
-    """Counts calls of the base transformers model (one per language-model forward)."""
-
-    def __init__(self, student):
-        self.calls = 0
-        self.handle = student.model.get_base_model().register_forward_pre_hook(self._hit)
-
-    def _hit(self, *_):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        self.handle.remove()
 
 
 def grads_of(student, tls) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from test_steps_common import Forwards
 from vlrlcd.adapters.config import LoraConfig, StudentConfig, TinyConfig
 from vlrlcd.adapters.loader import load_student
 from vlrlcd.adapters.tiny import BUILDERS
@@ -75,23 +76,6 @@ def gens(n: int, seed: int = 100) -> list[torch.Generator]:
 
 def one_by_one(student, prefixes, k, temperature, max_new=M):
     return [student.sample(p, k, max_new, temperature, g) for p, g in zip(prefixes, gens(len(prefixes)))]
-
-
-class Forwards:
-    """Counts calls of the base transformers model (one per language-model forward)."""
-
-    def __init__(self, student):
-        self.calls = 0
-        self.handle = student.model.get_base_model().register_forward_pre_hook(self._hit)
-
-    def _hit(self, *_):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        self.handle.remove()
 
 
 @pytest.mark.parametrize("name", TEXT)

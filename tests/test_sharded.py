@@ -21,7 +21,7 @@ import yaml
 
 from test_distributed import RUN as DDP_RUN
 from test_distributed import max_abs_diff, rollout_ids, tensors
-from test_steps_common import MAX_NEW, build, records, sft_adapter
+from test_steps_common import MAX_NEW, Forwards, build, records, sft_adapter
 
 from vlrlcd import cli
 from vlrlcd.adapters.config import StudentConfig
@@ -125,20 +125,10 @@ def text_student(tmp_path_factory):
     return load_student(StudentConfig(name_or_path=str(base)), adapter=ref, reference=ref), root
 
 
-class _Counter:
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_pre_hook(lambda *_: self._hit())
-
-    def _hit(self):
-        self.calls += 1
-
-
 def test_lockstep_decoding_runs_until_every_process_is_done(text_student):
     student, _ = text_student
     prefix = student.prefix("What is 3 + 4?")
-    base = student.model.get_base_model()
-    counter = _Counter(base)
+    counter = Forwards(student)
     try:
         alone = student.sample(prefix, 3, 6, 1.0, torch.Generator().manual_seed(1))
         n_alone = counter.calls
@@ -160,8 +150,7 @@ def test_lockstep_always_runs_the_continuation_pass(text_student):
     student, _ = text_student
     prefix = student.prefix("Name a colour.")
     one = [[student.eos_ids[0]], [5]]
-    base = student.model.get_base_model()
-    counter = _Counter(base)
+    counter = Forwards(student)
     try:
         with torch.no_grad():
             plain = student.token_logprobs(prefix, one)

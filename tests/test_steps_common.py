@@ -87,3 +87,20 @@ def train_steps(student, recs, anchors, tcfg: TrainConfig, rcfg: RankingConfig, 
                                                  if all(isinstance(r.get(k), float) for r in rows)})
     student.model.eval()
     return out
+
+
+class Forwards:
+    """Counts calls of the base transformers model (one per language-model forward)."""
+
+    def __init__(self, student):
+        self.calls = 0
+        self.handle = student.model.get_base_model().register_forward_pre_hook(self._hit)
+
+    def _hit(self, *_):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.handle.remove()

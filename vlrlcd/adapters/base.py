@@ -232,6 +232,18 @@ class StudentAdapter:
             logits = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))
         return TokenLogprobs(_logprobs_of(logits, resp_ids) * mask, mask, resp_ids)
 
+    def _record_step(self, nxt: torch.Tensor, done: torch.Tensor, eos: torch.Tensor, steps: list[torch.Tensor],
+                     last: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Pad the finished rows of a decoding step, keep it, mark EOS; and whether decoding stops: at the
+        limit, or when every row is done (on every process, in lockstep)."""
+        nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+        steps.append(nxt)
+        done = done | torch.isin(nxt, eos)
+        if last:
+            return nxt, done, True
+        finished = bool(done.all())
+        return nxt, done, (finished if self.lockstep is None else self.lockstep(finished))
+
     @torch.no_grad()
     def sample(self, prefix: Prefix, k: int, max_new_tokens: int, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> list[list[int]]:
@@ -248,13 +260,8 @@ class StudentAdapter:
             else:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            steps.append(nxt)
-            done = done | torch.isin(nxt, eos)
-            if t == max_new_tokens - 1:
-                break
-            finished = bool(done.all())
-            if (finished if self.lockstep is None else self.lockstep(finished)):
+            nxt, done, stop = self._record_step(nxt, done, eos, steps, t == max_new_tokens - 1)
+            if stop:
                 break
             out = self.model(input_ids=nxt.unsqueeze(1), past_key_values=cache, use_cache=True,
                              **self._positions(prefix, k, t, 1))
@@ -305,13 +312,8 @@ class StudentAdapter:
                         nxt[i * k:(i + 1) * k] = torch.multinomial(probs[i * k:(i + 1) * k], 1,
                                                                    generator=gens[i]).squeeze(1)
                 nxt = nxt.to(device)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            steps.append(nxt)
-            done = done | torch.isin(nxt, eos)
-            if t == max_new_tokens - 1:
-                break
-            finished = bool(done.all())
-            if (finished if self.lockstep is None else self.lockstep(finished)):
+            nxt, done, stop = self._record_step(nxt, done, eos, steps, t == max_new_tokens - 1)
+            if stop:
                 break
             attn = torch.cat([attn, attn.new_ones(n * k, 1)], dim=1)
             out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=(next_pos + t)[:, None],
