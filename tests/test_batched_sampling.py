@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_steps_common import Forwards
-from vlrlcd.adapters.config import LoraConfig, StudentConfig, TinyConfig
-from vlrlcd.adapters.loader import load_student
+from test_steps_common import Forwards, lora_student
+from vlrlcd.adapters.config import LoraConfig, TinyConfig
 from vlrlcd.adapters.tiny import BUILDERS
 from vlrlcd.datasets.records import Record
 from vlrlcd.ranking.config import RankingConfig
@@ -55,12 +54,7 @@ def images(tmp_path_factory):
 
 def load(path: str, seed: int = 0):
     """A student whose LoRA changes the logits (B random, not zero), in eval mode."""
-    student = load_student(StudentConfig(name_or_path=path, lora=LoraConfig(r=4, alpha=8)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in student.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    student = lora_student(path, LoraConfig(r=4, alpha=8), seed)
     student.model.eval()
     return student
 

@@ -52,6 +52,15 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def twin_run_dir(run: Path, out: Path) -> Path:
+    """A new run directory holding `run`'s data, anchors and tiny base: a single process starts from there."""
+    out.mkdir()
+    for name in ("data", "anchors.sqlite", "student_base-tiny-llava"):
+        src = run / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, out / name)
+    return out
+
+
 def rollout_ids(stage_dir: Path) -> dict[int, dict[int, list[str]]]:
     """step -> rank -> prompt ids, from rollouts.jsonl."""
     out: dict[int, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -94,11 +103,7 @@ def test_two_processes_split_the_batch_and_keep_identical_weights(ddp_run):
 def test_two_processes_match_one_process_on_the_same_global_batch(ddp_run):
     root, run, _ = ddp_run
     # SFT: one process from scratch over the same data, anchors and tiny student
-    single = root / "single"
-    single.mkdir()
-    for name in ("data", "anchors.sqlite", "student_base-tiny-llava"):
-        src = run / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, single / name)
+    single = twin_run_dir(run, root / "single")
     cfg = write_config(root / "single.yaml", single)
     assert cli.main(["train", str(cfg), "train.objective=sft", "--no-progress"]) == 0
     assert max_abs_diff(tensors(run / "sft"), tensors(single / "sft")) < 1e-5

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from test_distributed import RUN as DDP_RUN
-from test_distributed import max_abs_diff, rollout_ids, tensors
+from test_distributed import max_abs_diff, rollout_ids, tensors, twin_run_dir
 from test_steps_common import MAX_NEW, Forwards, build, records, sft_adapter
 
 from vlrlcd import cli
@@ -95,11 +95,7 @@ def test_sharded_base_runs_in_lockstep_and_matches_one_process(sharded_run):
     preds = (run / "sft" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 3  # the sharded evaluation answered every held-out prompt once
 
-    single = root / "single"
-    single.mkdir()
-    for name in ("data", "anchors.sqlite", "student_base-tiny-llava"):
-        src = run / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, single / name)
+    single = twin_run_dir(run, root / "single")
     cfg = _config(root / "single.yaml", single)
     assert cli.main(["train", str(cfg), "train.objective=sft", "--no-progress"]) == 0
     # FSDP: 2e-7 here. ZeRO-3's hooks change the summation order of a few activation gradients (1e-7

@@ -104,3 +104,15 @@ class Forwards:
 
     def __exit__(self, *_):
         self.handle.remove()
+
+
+def lora_student(path: str, lora, seed: int = 0, scale: float = 0.3):
+    """A student loaded through the real loader whose LoRA B is random (not zero), so the adapter changes
+    the logits."""
+    student = load_student(StudentConfig(name_or_path=path, lora=lora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return student
