@@ -4,6 +4,7 @@ peft LoRA, behind the StudentAdapter interface."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,8 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # peft reads transformers' deprecated alias on every PeftModel: one FutureWarning per load, not ours to fix
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _offline() -> bool:
