@@ -183,8 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_deepspeed() -> None:
+    """transformers imports DeepSpeed whenever it is installed; on a machine without a GPU, DeepSpeed then
+    warns on every command that it fell back to the CPU. Tell it so up front (a launcher's choice wins)."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_deepspeed()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (`vlrlcd train CONFIG --resume train.lr=1e-4`)
