@@ -36,8 +36,8 @@ def test_one_interleaved_llava_row_counts_vision_passes(tmp_path):
     assert row["image_tokens"] == 16 and row["prompt_tokens"] > 16        # 32x32 / patch 8, CLS dropped
     assert row["reps"] == 1 and len(row["ours_step_s"]) == len(row["trl_step_s"]) == 1
     assert all(x > 0 for x in row["ours_step_s"] + row["trl_step_s"])
-    ratio = row["ours_step_s"][0] / row["trl_step_s"][0]                        # A_i / B_i of the same pair
-    assert math.isclose(row["ratio_median"], ratio, rel_tol=1e-3)
+    a, b = row["ours_step_s"][0], row["trl_step_s"][0]  # A_i / B_i of the same pair; the times are rounded
+    assert math.isclose(row["ratio_median"], a / b, rel_tol=1e-4 / min(a, b))  # to 1e-4 s (tiny steps: ~1e-2 s)
     assert row["ratio_min"] == row["ratio_median"] == row["ratio_max"]
     # vlrlcd: one tower pass per prompt. TRL: every completion in generate, the reference and the policy
     # pass (3K), plus one in the reward (the same scorer, on TRL's model).
