@@ -16,22 +16,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from test_distributed import RUN
 from vlrlcd import cli
 from vlrlcd.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_RUN = {
-    "seed": 0,
-    "data": {"task": "shapes_vqa", "train_size": 8, "eval_size": 2},
-    "teacher": {"backend": "oracle"},
-    "student": {"name_or_path": "tiny-llava", "max_new_tokens": 4, "lora": {"r": 4, "alpha": 8},
-                "tiny": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
-                         "vision_layers": 1, "vision_hidden_size": 32}},
-    "train": {"objective": "ldl_grpo", "sft_epochs": 1, "sft_batch_size": 4, "sft_lr": 0.01, "rl_steps": 5,
-              "batch_size": 2, "k": 2, "lr": 0.01, "save_every": 2, "keep_checkpoints": 2},
-    "eval": {"max_new_tokens": 2},
-}
+# test_distributed's tiny run, with more RL steps in batches of 2 and two checkpoints kept
+TINY_RUN = {**RUN, "train": {**RUN["train"], "sft_batch_size": 4, "rl_steps": 5, "batch_size": 2,
+                             "keep_checkpoints": 2}}
 
 
 def write_config(path: Path, run_dir: Path, **train) -> Path:

@@ -173,13 +173,21 @@ class StudentAdapter:
         if self.checkpointing:  # no KV cache inside checkpointed layers: K full sequences in one batch
             return self.batch_token_logprobs([prefix] * len(responses), responses)
         ids, mask = self._pad(responses)
-        K, T = ids.shape
         cache, last = self._prefix_forward(prefix)
-        first = _logprobs_of(last.expand(K, -1), ids[:, 0])[:, None]
+        return self._rows_logprobs(last.expand(ids.shape[0], -1), ids, mask,
+                                   lambda fed: self._continue(prefix, cache, fed).logits)
+
+    def _rows_logprobs(self, last: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                       continuation: Callable[[torch.Tensor], torch.Tensor]) -> TokenLogprobs:
+        """y_1 of each row from the prefix's last logits [R, V]; y_2..y_T from `continuation(y_1..y_{T-1})`, one
+        pass returning logits [R, C, V] (the last response token is never fed). In lockstep the pass always
+        runs (one token, unused, when T == 1), so every process makes the same calls."""
+        T = ids.shape[1]
+        first = _logprobs_of(last, ids[:, 0])[:, None]
         if T == 1 and self.lockstep is None:
             logp = first
-        else:  # in lockstep the continuation pass always runs (one token, unused, when T == 1)
-            logits = self._continue(prefix, cache, ids[:, : max(T - 1, 1)]).logits[:, : T - 1]
+        else:
+            logits = continuation(ids[:, : max(T - 1, 1)])[:, : T - 1]
             logp = torch.cat([first, _logprobs_of(logits, ids[:, 1:])], dim=1)
         return TokenLogprobs(logp * mask, mask, ids)
 
@@ -366,19 +374,15 @@ class StudentAdapter:
             tl = self.batch_token_logprobs([prefixes[i] for i, c in zip(used, counts) for _ in range(c)], rows)
         else:
             ids, mask = self._pad(rows)
-            R, T = ids.shape
             cache, last, attn, next_pos = self._left_padded_prefix([prefixes[i] for i in used], counts)
-            first = _logprobs_of(last, ids[:, 0])[:, None]
-            if T == 1 and self.lockstep is None:
-                logp = first
-            else:  # in lockstep the continuation pass always runs (one token, unused, when T == 1)
-                C = max(T - 1, 1)
-                attn = torch.cat([attn, attn.new_ones(R, C)], dim=1)  # right padding: a real token never sees a pad
-                pos = next_pos[:, None] + torch.arange(C, device=ids.device)[None, :]
-                logits = self.model(input_ids=ids[:, :C], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                                    use_cache=True).logits[:, : T - 1]
-                logp = torch.cat([first, _logprobs_of(logits, ids[:, 1:])], dim=1)
-            tl = TokenLogprobs(logp * mask, mask, ids)
+
+            def continuation(fed: torch.Tensor) -> torch.Tensor:
+                R, C = fed.shape  # right padding: a real token never sees a pad
+                pos = next_pos[:, None] + torch.arange(C, device=fed.device)[None, :]
+                return self.model(input_ids=fed, attention_mask=torch.cat([attn, attn.new_ones(R, C)], dim=1),
+                                  position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+            tl = self._rows_logprobs(last, ids, mask, continuation)
         start = 0
         for i, c in zip(used, counts):  # each prompt's rows, cut to its own longest response
             t = max(len(r) for r in responses[i])

@@ -15,12 +15,12 @@ import torch
 from vlrlcd.errors import VlrlcdError
 
 _LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_VISION_MODULES = ("vision_tower", "visual", "vision_model")
+VISION_MODULES = ("vision_tower", "visual", "vision_model")  # module names that hold a vision tower
 
 
 def _lm_only(names: list[str]) -> str:
     """A peft target regex that hits the language model's linear layers, never the vision tower."""
-    return r"^(?!.*(" + "|".join(_VISION_MODULES) + r")).*\.(" + "|".join(names) + r")$"
+    return r"^(?!.*(" + "|".join(VISION_MODULES) + r")).*\.(" + "|".join(names) + r")$"
 
 
 @dataclass(frozen=True)

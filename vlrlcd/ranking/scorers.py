@@ -48,19 +48,11 @@ class Scores:
     anchor: torch.Tensor       # []  g(x, a, a) (0 when scored without an anchor)
 
 
-@torch.no_grad()
 def self_likelihood(student: StudentAdapter, prompt: str, image: Any, anchor: str | None,
                     candidates: list[list[int]], features: Any = None) -> Scores:
     """g(x, a, y) = mean_t log π(y_t | x, reference a, y_<t): the student's likelihood of y given the
     image, the question and the anchor in a scoring prompt (without `anchor`: the plain prompt)."""
-    if anchor is None:
-        prefix = student.prefix(prompt, image, features=features)
-        g = student.token_logprobs(prefix, list(candidates)).sequence(length_normalize=True)
-        return Scores(g, g.new_zeros(()))
-    prefix = student.prefix(scoring_prompt(prompt, anchor), image, features=features)
-    responses = list(candidates) + [student.encode_response(anchor)]
-    g = student.token_logprobs(prefix, responses).sequence(length_normalize=True)
-    return Scores(g[:-1], g[-1])
+    return self_likelihood_batch(student, [ScoreItem(prompt, image, anchor, candidates, features)])[0]
 
 
 @dataclass

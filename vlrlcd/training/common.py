@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,6 +62,32 @@ def gradient_skip(scaler: torch.amp.GradScaler | None) -> tuple[str, bool]:
     if scaler is not None and scaler.get_scale() >= 1.0:
         return f"fp16 overflow, loss scale lowered to {scaler.get_scale():g}", False
     return "non-finite gradient", True
+
+
+@dataclass
+class StepOutcome:
+    """How an optimizer step went: the gradient norm, whether it was taken, why not (None when it was, or
+    when losses were non-finite: the loop names them), whether it counts toward train.max_bad_steps, and
+    how many non-finite losses every process saw together."""
+
+    grad_norm: float
+    ok: bool
+    reason: str | None
+    counts_bad: bool
+    bad_losses: int
+
+
+def finish_step(dist, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, sched, max_norm: float,
+                scaler: torch.amp.GradScaler | None, bad_losses: int) -> StepOutcome:
+    """Sum the gradients and the non-finite loss count over the processes (`Dist.sum_gradients`), then take
+    the clipped step — or, when any process saw a non-finite loss, drop the gradients on every process."""
+    n_bad = int(dist.sum_gradients(params, [float(bad_losses)])[0])
+    if n_bad:
+        opt.zero_grad(set_to_none=True)
+        return StepOutcome(float("nan"), False, None, True, n_bad)
+    norm, ok = clipped_step(params, opt, sched, max_norm, scaler)
+    reason, counts = gradient_skip(scaler) if not ok else (None, True)
+    return StepOutcome(norm, ok, reason, counts, 0)
 
 
 def digest(items: list[str]) -> str:

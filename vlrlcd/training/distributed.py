@@ -86,13 +86,7 @@ class Dist:
             layers = sharding.shard_student(student, self.device, self.world, self.fsdp)
             how = f"fsdp: {layers} decoder layers sharded"
         else:
-            sharding.check_zero3_adapters(student.model)
-            if self.device.type == "cuda":  # what ZeRO-3 does not hold: adapters, head, vision tower, buffers
-                for p in student.model.parameters():
-                    if not hasattr(p, "ds_id"):
-                        p.data = p.data.to(self.device)
-                for b in student.model.buffers():
-                    b.data = b.data.to(self.device)
+            sharding.finish_zero3_student(student, self.device)
             how = "deepspeed zero-3: the decoder stack partitioned"
         student.lockstep = self.all_done
         if self.is_main:

@@ -27,8 +27,8 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.core import entropy
-from vlrlcd.training.common import (clipped_step, digest, gradient_skip, make_optimizer, seed_everything,
-                                   activation_checkpointing)
+from vlrlcd.training.common import (activation_checkpointing, digest, finish_step, make_optimizer,
+                                   seed_everything)
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import rollout_batch, sample_generator
@@ -66,10 +66,9 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
     skipped = len(records) - len(pool)
     if not pool:
         raise VlrlcdError("no training prompt has a stored anchor: run `vlrlcd anchors CONFIG` first")
-    if dist.sharded:
-        if cfg.batch_size % dist.world:
-            raise VlrlcdError(f"under FSDP every process takes the same number of prompts: train.batch_size "
-                              f"({cfg.batch_size}) must be a multiple of the {dist.world} processes")
+    if dist.sharded and cfg.batch_size % dist.world:
+        raise VlrlcdError(f"with a sharded base (FSDP / ZeRO-3) every process takes the same number of prompts: "
+                          f"train.batch_size ({cfg.batch_size}) must be a multiple of the {dist.world} processes")
     order = rl_order(pool, cfg.rl_steps, cfg.batch_size, seed)
     params = student.trainable_parameters()
     opt, sched = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.rl_steps, cfg.warmup_steps)
@@ -114,13 +113,8 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
                         sums[k] = sums.get(k, 0.0) + float(v)
                         counts[k] = counts.get(k, 0) + 1
                 lines.append((i, {**g.to_json(step + 1), "rank": dist.rank} if dist.multi else g.to_json(step + 1)))
-            n_bad = dist.sum_gradients(params, [float(len(bad_ids))])[0]
-            if n_bad == 0:
-                norm, ok = clipped_step(params, opt, sched, cfg.grad_clip, scaler)
-                reason, bad_counts = gradient_skip(scaler) if not ok else (None, True)
-            else:
-                opt.zero_grad(set_to_none=True)
-                norm, ok, reason, bad_counts = float("nan"), False, None, True
+            done = finish_step(dist, params, opt, sched, cfg.grad_clip, scaler, len(bad_ids))
+            norm, ok, reason = done.grad_norm, done.ok, done.reason
             calls = {k: v - calls0.get(k, 0) for k, v in _call_counts(ctx).items()}
             parts = dist.all_gather((sums, counts, tokens, lines, bad_ids, calls))
             sums, counts = _merge([p[0] for p in parts]), _merge([p[1] for p in parts])
@@ -135,7 +129,7 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
                 STEP_END[cfg.objective](ctx, cfg, means)
             session.log(step + 1, {**means, "kl": kl, "grad_norm": norm, "teacher_calls": teacher_calls,
                                    **calls_total, "prompts_without_anchor": skipped},
-                              ok, reason, tokens, step_seconds=time.time() - ts, count_bad=bad_counts)
+                              ok, reason, tokens, step_seconds=time.time() - ts, count_bad=done.counts_bad)
             if dist.is_main:
                 with open(rollouts_path, "a", encoding="utf-8") as f:
                     for _, line in sorted((x for p in parts for x in p[3]), key=lambda t: t[0]):

@@ -137,10 +137,15 @@ def score_batch(student: StudentAdapter, records: Sequence[Record], anchors: Seq
         idx = [i for i, p in enumerate(plans) if p.score != "none" and p.score_with == score_with]
         items = [ScoreItem(records[i].prompt, records[i].image, anchors[i] if plans[i].score == "anchor" else None,
                            candidates[i], prefixes[i].image_features) for i in idx]
-        with student.reference() if score_with == "sft" else contextlib.nullcontext():
+        with scoring_adapter(student, score_with):
             for i, s in zip(idx, batched(student, items)):
                 out[i] = s
     return out
+
+
+def scoring_adapter(student: StudentAdapter, score_with: str):
+    """The adapter the scorer runs under: the frozen SFT one ("sft") or the policy as it is."""
+    return student.reference() if score_with == "sft" else contextlib.nullcontext()
 
 
 def sample_plans(student: StudentAdapter, prefixes: list[Prefix], plans: list[RolloutPlan], temperature: float,
@@ -165,12 +170,9 @@ def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: Rollo
         scores = None
     elif scores is None:
         scorer = get_scorer(rcfg.scorer, rcfg)
-        ref_anchor = anchor if plan.score == "anchor" else None
-        if plan.score_with == "sft":
-            with student.reference():
-                scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
-        else:
-            scores = scorer(student, record.prompt, record.image, ref_anchor, candidates, prefix.image_features)
+        with scoring_adapter(student, plan.score_with):
+            scores = scorer(student, record.prompt, record.image, anchor if plan.score == "anchor" else None,
+                            candidates, prefix.image_features)
     if scores is not None:
         r = margins(scores.candidates[None], scores.anchor.reshape(1))[0]
         target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]

@@ -19,8 +19,8 @@ from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
 from vlrlcd.objectives.sft import sft_loss
 from vlrlcd.ranking.scorers import scoring_prompt
-from vlrlcd.training.common import (clipped_step, digest, gradient_skip, make_optimizer, seed_everything,
-                                   activation_checkpointing)
+from vlrlcd.training.common import (activation_checkpointing, digest, finish_step, make_optimizer,
+                                   seed_everything)
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.session import Session
@@ -141,19 +141,14 @@ def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, o
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                     nll += m["loss"] * m["tokens"]
                     tokens += m["tokens"]
-                n_bad = dist.sum_gradients(params, [float(bad)])[0]
-                if n_bad == 0:
-                    norm, ok = clipped_step(params, opt, sched, cfg.grad_clip, scaler)
-                    reason, bad_counts = gradient_skip(scaler) if not ok else (None, True)
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    norm, ok, bad_counts = float("nan"), False, True
-                    reason = f"non-finite loss in {int(n_bad)} micro-batch(es)"
+                done = finish_step(dist, params, opt, sched, cfg.grad_clip, scaler, bad)
+                reason = done.reason or (f"non-finite loss in {done.bad_losses} micro-batch(es)" if done.bad_losses
+                                         else None)
                 parts = dist.all_gather((nll, tokens))
                 nll, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
-                mean = nll / tokens if tokens and n_bad == 0 else float("nan")
-                session.log(step + 1, {"loss": mean, "grad_norm": norm, "tokens": tokens}, ok, reason, tokens,
-                            step_seconds=time.time() - ts, count_bad=bad_counts)
+                mean = nll / tokens if tokens and done.bad_losses == 0 else float("nan")
+                session.log(step + 1, {"loss": mean, "grad_norm": done.grad_norm, "tokens": tokens}, done.ok, reason,
+                            tokens, step_seconds=time.time() - ts, count_bad=done.counts_bad)
                 session.end_step(step + 1, dict)
             session.finish(dict)
     finally:

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vlrlcd.adapters.families import VISION_MODULES
 from vlrlcd.errors import VlrlcdError
 
-_VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_projector")
 
 
 @dataclass(frozen=True)
@@ -113,19 +113,19 @@ def shard_base_zero3(model: torch.nn.Module, device: torch.device, world: int, s
 
     # DeepSpeed gathers with an API torch deprecates: once per forward, it would flood the log
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        raise VlrlcdError("DeepSpeed ZeRO-3 does not partition a 4/8-bit (bitsandbytes) student here; a quantized "
-                          "student fits one device, so launch it with configs/accelerate/ddp_gpu.yaml")
+    _refuse_quantized(model, "DeepSpeed ZeRO-3")
     stack = decoder_stack(model)
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or
                  getattr(getattr(getattr(model, "config", None), "text_config", None), "hidden_size", 0) or 1024)
     engine, *_ = deepspeed.initialize(model=stack, config=_deepspeed_config(settings.config, world, hidden))
-    if device.type == "cuda":
-        in_stack = {id(p) for p in stack.parameters()}
-        for p in model.parameters():
-            if id(p) not in in_stack:
-                p.data = p.data.to(device)
     return engine
+
+
+def finish_zero3_student(student, device: torch.device) -> None:
+    """After peft added the adapters to a ZeRO-3 partitioned base: check they are plain, put them (and
+    everything else ZeRO-3 does not hold) on `device`."""
+    check_zero3_adapters(student.model)
+    place_replicated(student.model, device)
 
 
 def check_zero3_adapters(model: torch.nn.Module) -> None:
@@ -157,27 +157,45 @@ def settings_from_env() -> FSDPSettings:
     return FSDPSettings(reshard, offload)
 
 
+def _decoder_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """(name, list) of every `layers` ModuleList outside the vision tower: the language model's decoder."""
+    found = [(name, m) for name, m in model.named_modules()
+             if name.split(".")[-1] == "layers" and isinstance(m, torch.nn.ModuleList)
+             and not any(part in VISION_MODULES for part in name.split("."))]
+    if not found:
+        raise VlrlcdError(f"{type(model).__name__}: no decoder `layers` found to shard; launch with "
+                          "configs/accelerate/ddp_gpu.yaml")
+    return found
+
+
 def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
     """The module that holds the language model's decoder `layers` (with its embeddings and norm)."""
-    modules = dict(model.named_modules())
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if parts[-1] == "layers" and isinstance(module, torch.nn.ModuleList) and \
-                not any(part in _VISION_MODULES for part in parts):
-            return modules[".".join(parts[:-1])]
-    raise VlrlcdError(f"{type(model).__name__}: no decoder `layers` found to shard; launch with "
-                      "configs/accelerate/ddp_gpu.yaml")
+    name = _decoder_lists(model)[0][0]
+    return dict(model.named_modules())[name.rpartition(".")[0]]
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The language model's decoder layers: the elements of every `layers` ModuleList outside the vision
-    tower / projector."""
-    found = []
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
-            if not any(part in _VISION_MODULES for part in name.split(".")):
-                found.extend(module)
-    return found
+    """The language model's decoder layers (the elements of its `layers` lists)."""
+    return [layer for _, layers in _decoder_lists(model) for layer in layers]
+
+
+def _refuse_quantized(model: torch.nn.Module, route: str) -> None:
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or \
+            any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
+        raise VlrlcdError(f"{route} does not shard a 4/8-bit (bitsandbytes) student here; a quantized student "
+                          "fits one device, so launch it with configs/accelerate/ddp_gpu.yaml")
+
+
+def place_replicated(model: torch.nn.Module, device: torch.device) -> None:
+    """Move what stays whole on every process (every weight FSDP / ZeRO-3 does not hold, and the buffers) to
+    `device`; the shards are placed by FSDP / ZeRO-3 themselves."""
+    if device.type == "cpu":
+        return
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and not hasattr(p, "to_local"):
+            p.data = p.data.to(device)
+    for b in model.buffers():
+        b.data = b.data.to(device)
 
 
 def _replicated(name: str, p: torch.nn.Parameter) -> bool:
@@ -193,33 +211,19 @@ def shard_student(student, device: torch.device, world: int, settings: FSDPSetti
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     model = student.model
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or \
-            any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
-        raise VlrlcdError("FSDP does not shard a 4/8-bit (bitsandbytes) student here; a quantized student "
-                          "fits one device, so launch it with configs/accelerate/ddp_gpu.yaml")
+    _refuse_quantized(model, "FSDP")
     layers = decoder_layers(model)
-    if not layers:
-        raise VlrlcdError(f"{student.name_or_path}: no decoder `layers` found to shard; launch with "
-                          "configs/accelerate/ddp_gpu.yaml")
     mesh = init_device_mesh(device.type, (world,))
     offload = CPUOffloadPolicy() if settings.offload_params and device.type == "cuda" else OffloadPolicy()
     in_layers = set()
     for layer in layers:
         keep = {p for n, p in layer.named_parameters() if _replicated(n, p)}
         in_layers.update(id(p) for p in layer.parameters())
-        if device.type == "cuda":
-            for p in keep:
-                p.data = p.data.to(device)
         fully_shard(layer, mesh=mesh, reshard_after_forward=settings.reshard_after_forward,
                     offload_policy=offload, ignored_params=keep)
     # the root owns nothing: it only ties the layers into one FSDP tree (backward finalisation, prefetch)
     rest = {p for p in model.parameters() if id(p) not in in_layers}
     rest |= {p for layer in layers for n, p in layer.named_parameters() if _replicated(n, p)}
     fully_shard(model, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=rest)
-    if device.type == "cuda":
-        for p in rest:
-            p.data = p.data.to(device)
-        for name, buf in model.named_buffers():
-            if buf.device != device:
-                buf.data = buf.data.to(device)
+    place_replicated(model, device)
     return len(layers)

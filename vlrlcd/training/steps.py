@@ -12,6 +12,7 @@ or, called on a group alone, the group's own passes — the same values either w
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -88,39 +89,50 @@ def make_context(cfg, tcfg: TrainConfig | None = None, run_dir: str | Path | Non
 
 
 # ------------------------------------------------------------------ helpers
-def _zero_loss(student: StudentAdapter) -> torch.Tensor:
-    """A zero loss that backward() accepts (a leaf), for a group that gives nothing to learn from."""
+def _skipped_loss(student: StudentAdapter, passes: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A zero loss that backward() accepts, for a group that gives nothing to learn from: a leaf, or in lockstep
+    (FSDP / ZeRO-3) 0 · the loss `passes()` computes, so every process still makes the same forwards and backward."""
+    if student.lockstep is not None:
+        return 0.0 * passes()
     return torch.zeros((), device=student.device, requires_grad=True)
 
 
 def _reference_logp(student: StudentAdapter, prefix, responses: list[list[int]]) -> torch.Tensor:
     """Token log-probs [K, T] under the frozen SFT adapter (no gradient)."""
-    with torch.no_grad(), student.reference():
+    with _pass_context(student, "reference"):
         return student.token_logprobs(prefix, responses).logp
 
 
-def _privileged_prefix(student: StudentAdapter, group: Group):
-    """rlsd's privileged context: the scoring prompt (the anchor in context), the prompt's image features reused."""
+@contextlib.contextmanager
+def _pass_context(student: StudentAdapter, kind: str):
+    """The adapter and grad mode of a pass over candidates: "policy" as is (grad when enabled), "reference"
+    under the frozen SFT adapter and "privileged" (the policy with the anchor in context) without grad."""
+    if kind not in ("policy", "reference", "privileged"):
+        raise ValueError(f"unknown pass '{kind}'")
+    if kind == "policy":
+        yield
+        return
+    with torch.no_grad(), (student.reference() if kind == "reference" else contextlib.nullcontext()):
+        yield
+
+
+def _pass_prefix(student: StudentAdapter, group: Group, kind: str):
+    """The prefix a pass reads: the prompt's, or for rlsd's "privileged" pass the scoring prompt (the anchor in
+    context) with the prompt's image features reused."""
+    if kind != "privileged":
+        return group.prefix
     return student.prefix(scoring_prompt(group.record.prompt, group.anchor), group.record.image,
                           features=group.prefix.image_features)
 
 
 def candidate_logprobs(student: StudentAdapter, group: Group, kind: str) -> TokenLogprobs:
-    """Token log-probs of the group's K candidates: "policy" (grad), "reference" (the frozen SFT adapter) or
-    "privileged" (the policy with the anchor in context), both without grad. The group's slice of the loop's
-    batched pass (`batched_passes`) when there is one, else the pass run for this group alone."""
+    """Token log-probs of the group's K candidates for pass `kind` (`_pass_context`): the group's slice of the
+    loop's batched pass (`batched_passes`) when there is one, else the pass run for this group alone."""
     done = group.passes.get(kind)
     if done is not None:
         return done
-    if kind == "policy":
-        return student.token_logprobs(group.prefix, group.candidates)
-    with torch.no_grad():
-        if kind == "reference":
-            with student.reference():
-                return student.token_logprobs(group.prefix, group.candidates)
-        if kind == "privileged":
-            return student.token_logprobs(_privileged_prefix(student, group), group.candidates)
-    raise ValueError(f"unknown pass '{kind}'")
+    with _pass_context(student, kind):
+        return student.token_logprobs(_pass_prefix(student, group, kind), group.candidates)
 
 
 def group_passes(cfg: TrainConfig) -> tuple[str, ...]:
@@ -139,19 +151,10 @@ def batched_passes(student: StudentAdapter, groups: list[Group], cfg: TrainConfi
     (two forwards each instead of two per group): policy with gradient (when grad is on), the reference under
     the SFT adapter and rlsd's privileged context without. The group losses read them through
     `candidate_logprobs` and give the same values as their own per-group passes (up to ~1e-6)."""
-    kinds = group_passes(cfg)
-    if not kinds or not groups:
-        return
-    for kind in kinds:
-        if kind == "policy":
-            tls = student.token_logprobs_batch([g.prefix for g in groups], [g.candidates for g in groups])
-        elif kind == "reference":
-            with torch.no_grad(), student.reference():
-                tls = student.token_logprobs_batch([g.prefix for g in groups], [g.candidates for g in groups])
-        else:
-            with torch.no_grad():
-                tls = student.token_logprobs_batch([_privileged_prefix(student, g) for g in groups],
-                                                   [g.candidates for g in groups])
+    for kind in group_passes(cfg) if groups else ():
+        with _pass_context(student, kind):
+            tls = student.token_logprobs_batch([_pass_prefix(student, g, kind) for g in groups],
+                                               [g.candidates for g in groups])
         for g, tl in zip(groups, tls):
             g.passes[kind] = tl
 
@@ -206,9 +209,7 @@ def _no_pair(student: StudentAdapter, group: Group) -> LossOut:
     """No preference pair in this group (all candidates tie, or the sample is the anchor): zero loss. In
     lockstep (FSDP) the pair passes still run, on the anchor with weight 0, so every process makes the same
     forward and backward calls."""
-    loss = _zero_loss(student)
-    if student.lockstep is not None:
-        loss = 0.0 * _pair_batch(student, group, [(0, ANCHOR, ANCHOR)]).policy.sum()
+    loss = _skipped_loss(student, lambda: _pair_batch(student, group, [(0, ANCHOR, ANCHOR)]).policy.sum())
     return loss, {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "pairs": 0.0,
                                  "tokens": 0.0}
 
@@ -295,10 +296,8 @@ def judge_rewards(group: Group, ctx: StepContext) -> torch.Tensor | None:
 def judge_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
     """GRPO with reward = the teacher judging each of the K candidates (N·K calls over N prompts, stored)."""
     rewards = judge_rewards(group, ctx)
-    if rewards is None:  # skipped; in lockstep (FSDP) its passes still run, with weight 0
-        loss = _zero_loss(student)
-        if student.lockstep is not None:
-            loss = 0.0 * _grpo(student, group, torch.zeros(len(group.candidates)), cfg)[0]
+    if rewards is None:  # skipped (in lockstep its passes still run, with weight 0)
+        loss = _skipped_loss(student, lambda: _grpo(student, group, torch.zeros(len(group.candidates)), cfg)[0])
         return loss, {"loss": 0.0, "judge_failed": 1.0, "tokens": 0.0}
     return _grpo(student, group, rewards, cfg)
 
