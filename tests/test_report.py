@@ -228,3 +228,26 @@ def test_resolve_image_tries_run_data_and_working_directory(tmp_path, monkeypatc
     assert resolve_image(run, "run/data/images/t0.png") == Path("run/data/images/t0.png")
     assert resolve_image(run, "missing.png") == run / "missing.png"
     assert resolve_image(run, None) is None
+
+
+def test_report_shows_the_paired_difference_against_sft(tmp_path):
+    """The summary table's Δ vs SFT column: from summary.json when write_summary recorded it, else from the two
+    predictions files (make_run: ldl_grpo fixes e0, so d = [1, 0, 0] on the 3 shared prompts)."""
+    from vlrlcd.evaluation.stats import paired_bootstrap
+    from vlrlcd.pipeline import write_summary
+
+    run = make_run(tmp_path / "run")
+    want = paired_bootstrap([0.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    page = render_report(run)
+    assert "<th>Δ vs SFT [95% CI]</th>" in page and "reference</td>" in page
+    assert f'<td class="num diff">{want.format()} <span class="meta">n = 3</span></td>' in page
+    assert "paired bootstrap 95% interval (2000 resamples" in page
+    summary = json.loads((run / "summary.json").read_text())
+    write_summary(run, summary)
+    summary["methods"]["ldl_grpo"].update(diff_vs_sft=0.25, diff_low=-0.5, diff_high=0.75)  # recorded numbers win
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = render_report(run)
+    assert "+0.250 [-0.500, +0.750]" in page and "<th>diff_low</th>" not in page
+    (run / "ldl_grpo" / "predictions.jsonl").unlink()
+    (run / "summary.json").write_text(json.dumps({"methods": {"sft": {}, "ldl_grpo": {}}}))
+    assert "no paired predictions" in render_report(run)

@@ -20,7 +20,7 @@ from vlrlcd.errors import VlrlcdError
 from vlrlcd.training.config import OBJECTIVES
 
 COLUMNS = ("method", "metric", "value", "n", "teacher_calls", "stage2_teacher_calls", "local_teacher_passes",
-           "train_seconds", "seconds", "error")
+           "train_seconds", "seconds", "error", "diff_vs_sft", "diff_low", "diff_high", "diff_n")
 _NOT_METRICS = ("n", "seconds", "stage2_teacher_calls", "local_teacher_passes", "teacher_calls")
 
 
@@ -80,6 +80,15 @@ def method_row(method: str, metrics: dict, anchor_calls: int, method_dir: Path) 
             "local_teacher_passes": _count(metrics, last, "local_teacher_passes"),
             "train_seconds": float(seconds) if isinstance(seconds, (int, float)) else None,
             "seconds": metrics.get("seconds"), "error": None}
+
+
+def with_diff(row: dict, run_dir: Path) -> dict:
+    """The row with its paired bootstrap difference against SFT (stats.diff_vs_reference, from the two
+    predictions.jsonl files; None where there is none, e.g. for sft itself or a failed method)."""
+    from vlrlcd.evaluation.stats import DIFF_KEYS, diff_entry, diff_vs_reference
+
+    d = diff_vs_reference(run_dir, row["method"]) if row.get("error") is None else None
+    return {**row, **(diff_entry(d) if d is not None else dict.fromkeys(DIFF_KEYS))}
 
 
 def write_tables(run_dir: str | Path, result: dict) -> tuple[Path, Path]:
@@ -143,7 +152,7 @@ def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume:
     result = {"rows": [], "objectives": names, "anchor_calls": anchors, "teacher_calls_this_run": prep.teacher_calls,
               "train_prompts": len(prep.train), "eval_prompts": len(prep.eval), "seed": cfg.seed, "seconds": 0.0}
     sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=resume)
-    result["rows"].append(method_row("sft", sft_metrics, anchors, run / "sft"))
+    result["rows"].append(with_diff(method_row("sft", sft_metrics, anchors, run / "sft"), run))
     result["seconds"] = round(time.time() - t0, 1)
     write_tables(run, result)
     for name in names:
@@ -154,7 +163,7 @@ def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume:
             row = method_row(name, metrics, anchors, run / name)
         except VlrlcdError as e:
             row = {**{k: None for k in COLUMNS}, "method": name, "error": str(e)}
-        result["rows"].append(row)
+        result["rows"].append(with_diff(row, run))
         result["seconds"] = round(time.time() - t0, 1)
         write_tables(run, result)
     _merge_summary(run, result)
@@ -163,8 +172,10 @@ def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume:
 
 def format_compare(result: dict) -> str:
     """The comparison as a text table, one line per method."""
+    from vlrlcd.evaluation.stats import entry_diff
+
     header = ["method", str(next((r["metric"] for r in result["rows"] if r.get("metric")), "metric")),
-              "teacher calls", "stage II calls", "seconds"]
+              "Δ vs SFT [95% CI]", "teacher calls", "stage II calls", "seconds"]
 
     def num(v, fmt):
         return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
@@ -172,16 +183,19 @@ def format_compare(result: dict) -> str:
     rows = []
     for r in result["rows"]:
         if r.get("error"):
-            rows.append([r["method"], "error: " + r["error"][:120], "", "", ""])
+            rows.append([r["method"], "error: " + r["error"][:120], "", "", "", ""])
             continue
         stage2 = num(r["stage2_teacher_calls"], "{}")
         if r.get("local_teacher_passes"):
             stage2 += f" (+{r['local_teacher_passes']} local)"
-        rows.append([r["method"], num(r.get("value"), "{:.3f}"), num(r.get("teacher_calls"), "{}"), stage2,
-                     num(r.get("seconds"), "{:.0f}")])
+        rows.append([r["method"], num(r.get("value"), "{:.3f}"), entry_diff(r) or "-", num(r.get("teacher_calls"), "{}"),
+                     stage2, num(r.get("seconds"), "{:.0f}")])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    if any(entry_diff(r) for r in result["rows"]):
+        out.append("Δ vs SFT: mean per-prompt score difference on the held-out prompts both answered, "
+                   "paired bootstrap 95% interval")
     out.append(f"anchors: {result['anchor_calls']} teacher calls (shared by every method; {result['teacher_calls_this_run']} "
                f"made this run)  |  train prompts: {result['train_prompts']}  |  held-out prompts: "
                f"{result['eval_prompts']}  |  {result.get('seconds', 0):.0f}s")

@@ -20,6 +20,7 @@ from vlrlcd.errors import VlrlcdError
 from vlrlcd.evaluation.metrics import normalize_answer
 from vlrlcd.evaluation.plots import write_curves
 from vlrlcd.evaluation.rundir import method_names, read_json, read_records, read_rows, resolve_image
+from vlrlcd.evaluation.stats import DIFF_KEYS, LEVEL, REFERENCE, RESAMPLES, SEED, PairedDiff, diff_vs_reference
 
 IMAGE_MAX_SIDE = 256
 
@@ -142,15 +143,16 @@ def _summary_section(run_dir: Path, summary: dict | None, why: str | None, metho
     for m in methods:
         r = rows.get(m)
         for k in (r if isinstance(r, dict) else {}):
-            if k not in cols:
+            if k not in cols and k not in DIFF_KEYS:
                 cols.append(str(k))
     evals = {m: read_json(run_dir / m / "eval.json")[0] for m in methods}
+    diffs = {m: _method_diff(run_dir, m, rows.get(m)) for m in methods}
     if not methods:
         out.append(note("No methods found: neither summary.json nor any RUN/<method>/ folder."))
     else:
         out.append('<h3>Methods</h3><table class="summary"><thead><tr><th>method</th>')
         out += [f"<th>{esc(c)}</th>" for c in cols]
-        out.append("<th>held-out (eval.json)</th><th>n</th></tr></thead><tbody>")
+        out.append("<th>held-out (eval.json)</th><th>n</th><th>Δ vs SFT [95% CI]</th></tr></thead><tbody>")
         for m in methods:
             r = rows.get(m) if isinstance(rows.get(m), dict) else {}
             cells = "".join(f'<td class="num">{_fmt(r.get(c, ""))}</td>' for c in cols)
@@ -160,10 +162,35 @@ def _summary_section(run_dir: Path, summary: dict | None, why: str | None, metho
                 n = _fmt(ev.get("n", ""))
             else:
                 held, n = '<span class="meta">no evaluation yet</span>', ""
-            out.append(f"<tr><th>{esc(m)}</th>{cells}<td class=\"num\">{held}</td><td class=\"num\">{n}</td></tr>")
+            out.append(f"<tr><th>{esc(m)}</th>{cells}<td class=\"num\">{held}</td><td class=\"num\">{n}</td>"
+                       f"{_diff_cell(m, diffs[m])}</tr>")
         out.append("</tbody></table>")
+        out.append(f'<p class="meta">Δ vs SFT: the mean per-prompt held-out score difference against {esc(REFERENCE)} on the '
+                   f"prompts both answered (n), with its paired bootstrap {LEVEL:.0%} interval ({RESAMPLES} resamples of "
+                   f"the prompts, seed {SEED}); an interval that excludes 0 is a difference these prompts resolve.</p>")
     out.append("</section>")
     return "".join(out)
+
+
+def _method_diff(run_dir: Path, method: str, entry) -> PairedDiff | None:
+    """The method's difference to SFT: as summary.json recorded it, else from the predictions files."""
+    e = entry if isinstance(entry, dict) else {}
+    vals = [_num(e.get(k)) for k in DIFF_KEYS]
+    if all(v is not None for v in vals[:3]):
+        return PairedDiff(vals[0], vals[1], vals[2], int(vals[3]) if vals[3] is not None else 0)
+    try:
+        return diff_vs_reference(run_dir, method)
+    except ValueError:  # e.g. unreadable scores: the report notes nothing rather than failing
+        return None
+
+
+def _diff_cell(method: str, d: PairedDiff | None) -> str:
+    if method == REFERENCE:
+        return '<td class="meta">reference</td>'
+    if d is None:
+        return '<td class="meta">no paired predictions</td>'
+    n = f' <span class="meta">n = {d.n}</span>' if d.n else ""
+    return f'<td class="num diff">{esc(d.format())}{n}</td>'
 
 
 def _curves_section(run_dir: Path) -> str:
