@@ -127,7 +127,9 @@ def _eval(student, prep: Prepared, out: Path, progress: bool, answers: list[str]
 
     if not prep.eval:
         return {}
-    res = evaluate(student, prep.eval, prep.cfg.eval.max_new_tokens, prep.cfg.eval.metric, out, progress, answers)
+    ecfg = prep.cfg.eval
+    res = evaluate(student, prep.eval, ecfg.max_new_tokens, ecfg.metric, out, progress, answers,
+                   batch_size=ecfg.batch_size)
     return {res.metric: res.value, "n": res.n}
 
 

@@ -408,12 +408,16 @@ class StudentAdapter:
         return result
 
     @torch.no_grad()
-    def generate(self, records: list, max_new_tokens: int) -> list[str]:
-        """Greedy answers for records (anything with `.prompt` and `.image`)."""
-        answers = []
-        for r in records:
-            p = self.prefix(r.prompt, r.image)
-            answers.append(self.decode(self.sample(p, 1, max_new_tokens, temperature=0.0)[0]))
+    def generate(self, records: list, max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        """Greedy answers for records (anything with `.prompt` and `.image`), `batch_size` prompts per batched
+        decode (`sample_batch`; one by one for families it cannot batch)."""
+        if batch_size < 1:
+            raise VlrlcdError(f"batch_size must be >= 1 (eval.batch_size), got {batch_size}")
+        answers: list[str] = []
+        for start in range(0, len(records), batch_size):
+            prefixes = [self.prefix(r.prompt, r.image) for r in records[start:start + batch_size]]
+            rows = self.sample_batch(prefixes, 1, max_new_tokens, temperature=0.0)
+            answers += [self.decode(k_rows[0]) for k_rows in rows]
         return answers
 
     # ---------------------------------------------------------------- adapters

@@ -1,0 +1,180 @@
+"""Batched greedy evaluation: `StudentAdapter.generate` decodes `batch_size` prompts per `sample_batch` call and
+gives, answer for answer, what one prompt at a time gives (tiny LLaVA with images, tiny text LM; prompts of
+different lengths, so left padding); `evaluate` and the pipeline honour `eval.batch_size`; `generate_sharded`
+decodes its shard in batches with the same calls on every process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from test_steps_common import Forwards, lora_student
+from vlrlcd.adapters.config import LoraConfig, TinyConfig
+from vlrlcd.adapters.tiny import BUILDERS
+from vlrlcd.config import load_config
+from vlrlcd.datasets.records import Record
+from vlrlcd.errors import VlrlcdError
+from vlrlcd.evaluation.config import EvalConfig
+from vlrlcd.evaluation.evaluate import evaluate, generate_sharded
+
+TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                  vision_hidden_size=32, vision_layers=1)
+CORPUS = ["What color is the shape?", "red green blue square circle", "What is 2 + 3? 5"]
+PROMPTS = ["What is 2 + 3?", "What color is the shape on the left of the big square?", "Hi",
+           "Describe the image. a red circle and a blue square", "Count the shapes", "What is 12 + 30?",
+           "Name the colour of the circle in the middle"]
+M = 6  # max new tokens
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    root = tmp_path_factory.mktemp("students")
+    out = {}
+    for name in ("llama", "llava"):
+        s = lora_student(str(BUILDERS[name](root / name, CORPUS, TINY, seed=0)), LoraConfig(r=4, alpha=8))
+        s.model.eval()
+        out[name] = s
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, colour in enumerate(("red", "blue", "green", "white", "black", "yellow", "purple")):
+        img = Image.new("RGB", (32, 32), colour)
+        img.paste((255, 255, 0) if i % 2 else (0, 0, 255), (4 + i, 4, 12 + i, 12))
+        img.save(root / f"{i}.png")
+        paths.append(str(root / f"{i}.png"))
+    return paths
+
+
+def records(name: str, images: list[str]) -> list[Record]:
+    return [Record(f"r{i}", p, images[i] if name == "llava" else None, "5")
+            for i, p in enumerate(PROMPTS)]
+
+
+def one_at_a_time(student, recs: list[Record]) -> list[str]:
+    """The reference: each prompt's own prefix, decoded alone by `sample` (the pre-batching path)."""
+    return [student.decode(student.sample(student.prefix(r.prompt, r.image), 1, M, temperature=0.0)[0])
+            for r in recs]
+
+
+class SampleBatchCalls:
+    """Records the number of prefixes of each `sample_batch` call."""
+
+    def __init__(self, student, monkeypatch):
+        self.sizes: list[int] = []
+        real = student.sample_batch
+
+        def wrapped(prefixes, *args, **kwargs):
+            self.sizes.append(len(prefixes))
+            return real(prefixes, *args, **kwargs)
+
+        monkeypatch.setattr(student, "sample_batch", wrapped)
+
+
+@pytest.mark.parametrize("name", ["llama", "llava"])
+def test_batched_answers_equal_one_at_a_time(name, students, images):
+    student = students[name]
+    recs = records(name, images)
+    want = one_at_a_time(student, recs)
+    assert len(set(want)) > 1  # the random LoRA makes prompts answer differently: a real comparison
+    for bs in (1, 3, 7, 32):
+        assert student.generate(recs, M, batch_size=bs) == want, bs
+
+
+@pytest.mark.parametrize("name", ["llama", "llava"])
+def test_evaluate_honours_batch_size(name, students, images, monkeypatch, tmp_path):
+    student = students[name]
+    recs = records(name, images)
+    calls = SampleBatchCalls(student, monkeypatch)
+    res3 = evaluate(student, recs, M, out_dir=tmp_path / "bs3", progress=False, batch_size=3)
+    assert calls.sizes == [3, 3, 1]
+    calls.sizes.clear()
+    res1 = evaluate(student, recs, M, progress=False, batch_size=1)
+    assert calls.sizes == [1] * 7
+    assert res3.predictions == res1.predictions and res3.value == res1.value and res3.n == 7
+    assert [p["prediction"] for p in res3.predictions] == one_at_a_time(student, recs)
+    assert (tmp_path / "bs3" / "predictions.jsonl").read_text().count("\n") == 7
+    calls.sizes.clear()
+    evaluate(student, recs, M, progress=False)
+    assert calls.sizes == [7]  # the default (EvalConfig.batch_size = 16) takes them all at once
+
+
+def test_a_batch_decodes_in_one_pass_per_token(students):
+    """4 prompts in one batch: one prefix pass plus at most M - 1 decode passes, instead of >= 4 per prompt."""
+    student = students["llama"]
+    recs = records("llama", [])[:4]
+    with Forwards(student) as batched:
+        student.generate(recs, M, batch_size=4)
+    with Forwards(student) as single:
+        student.generate(recs, M, batch_size=1)
+    assert batched.calls <= M and single.calls >= 4 and batched.calls < single.calls
+
+
+def test_bad_batch_size_is_a_user_error(students):
+    with pytest.raises(VlrlcdError, match="batch_size must be >= 1"):
+        students["llama"].generate(records("llama", [])[:2], M, batch_size=0)
+    with pytest.raises(VlrlcdError, match="eval.batch_size must be >= 1"):
+        load_config(None, ["eval.batch_size=0"])
+    with pytest.raises(VlrlcdError, match="eval.metric 'bleu'"):
+        load_config(None, ["eval.metric=bleu"])
+    assert load_config(None, ["eval.batch_size=4"]).eval.batch_size == 4
+
+
+@dataclass
+class FakeDist:
+    """A process of a `world`-process launch: all_gather hands back every rank's part (collected by the test)."""
+
+    rank: int
+    world: int
+    parts: list
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    def all_gather(self, obj):
+        self.parts[self.rank] = obj
+        return self.parts
+
+
+def test_generate_sharded_decodes_in_batches_in_lockstep(students, images, monkeypatch):
+    """7 records over 3 processes: shards of 3, 2, 2 padded to 3 slots each; batch 2 -> every process makes
+    the same calls (sizes [2, 1]); process 0 gets every answer in record order, equal to one at a time."""
+    student = students["llava"]
+    recs = records("llava", images)
+    calls = SampleBatchCalls(student, monkeypatch)
+    parts: list = [None] * 3
+    sizes = []
+    for rank in (2, 1, 0):  # the main process last, once every part is in
+        calls.sizes.clear()
+        got = generate_sharded(student, recs, M, FakeDist(rank, 3, parts), batch_size=2)
+        sizes.append(list(calls.sizes))
+        assert (got is None) == (rank != 0)
+    assert sizes == [[2, 1]] * 3
+    assert got == one_at_a_time(student, recs)
+
+
+def test_pipeline_eval_passes_the_configured_batch_size(monkeypatch, tmp_path):
+    import vlrlcd.evaluation.evaluate as evaluation
+    from vlrlcd.pipeline import _eval
+
+    seen = {}
+
+    def fake_evaluate(student, recs, max_new_tokens, metric, out, progress, answers, batch_size=-1):
+        seen.update(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        return SimpleNamespace(metric="accuracy", value=1.0, n=len(recs))
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    cfg = SimpleNamespace(eval=EvalConfig(max_new_tokens=5, batch_size=3))
+    prep = SimpleNamespace(cfg=cfg, eval=[Record("a", "q", None, "r")])
+    assert _eval(None, prep, tmp_path, False) == {"accuracy": 1.0, "n": 1}
+    assert seen == {"batch_size": 3, "max_new_tokens": 5}
