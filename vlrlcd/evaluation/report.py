@@ -167,7 +167,8 @@ def _summary_section(run_dir: Path, summary: dict | None, why: str | None, metho
         out.append("</tbody></table>")
         out.append(f'<p class="meta">Δ vs SFT: the mean per-prompt held-out score difference against {esc(REFERENCE)} on the '
                    f"prompts both answered (n), with its paired bootstrap {LEVEL:.0%} interval ({RESAMPLES} resamples of "
-                   f"the prompts, seed {SEED}); an interval that excludes 0 is a difference these prompts resolve.</p>")
+                   f"the prompts, seed {SEED}); an interval that excludes 0 marks a difference larger than the "
+                   "prompt-to-prompt resampling noise.</p>")
     out.append("</section>")
     return "".join(out)
 
