@@ -30,6 +30,7 @@ from vlrlcd.ranking.core import entropy
 from vlrlcd.training.common import (activation_checkpointing, digest, finish_step, make_optimizer,
                                    seed_everything)
 from vlrlcd.training.config import TrainConfig
+from vlrlcd.training.diagnostics import group_diagnostics
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import rollout_batch, sample_generator
 from vlrlcd.training.session import Session
@@ -108,6 +109,7 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
                 tokens += m.get("tokens", 0.0)
                 if _ranked(g):
                     m = {**m, "margin_mean": float(g.margins.mean()), "dx_entropy": float(entropy(g.target[None])[0])}
+                m = {**m, **group_diagnostics(g.record, g.texts, g.margins, g.target)}  # never a training signal
                 for k, v in m.items():
                     if k != "tokens" and isinstance(v, (int, float)):
                         sums[k] = sums.get(k, 0.0) + float(v)
