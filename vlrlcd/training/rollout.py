@@ -175,5 +175,8 @@ def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: Rollo
                             candidates, prefix.image_features)
     if scores is not None:
         r = margins(scores.candidates[None], scores.anchor.reshape(1))[0]
+        if rcfg.anchor_in_group and plan.score == "anchor":
+            candidates = list(candidates) + [student.encode_response(anchor)]
+            r = torch.cat([r, r.new_zeros(1)])
         target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
     return Group(record, anchor, prefix, candidates, [student.decode(c) for c in candidates], scores, r, target)

@@ -1,0 +1,77 @@
+"""LDL-GRPO moves the policy toward D_x: one optimizer step on a fixed group raises the log-probability of
+the high-D candidates relative to the low-D ones, for both forms of q_θ (mean-token and summed) and with the
+KL to the SFT policy on and off (the directional test STAGE2-MEASUREMENTS.md asks for)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from test_steps_common import build, sft_adapter
+from vlrlcd.adapters.config import StudentConfig
+from vlrlcd.adapters.loader import load_student
+from vlrlcd.ranking.config import RankingConfig
+from vlrlcd.ranking.scorers import Scores
+from vlrlcd.datasets.records import Record
+from vlrlcd.training.config import TrainConfig
+from vlrlcd.training.rollout import Group
+from vlrlcd.training.steps import StepContext, ldl_grpo_group_loss
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldl_dir")
+    base = build("text", root / "base")
+    return base, sft_adapter(base, root / "sft")
+
+
+@pytest.mark.parametrize("length_normalize", [True, False])
+@pytest.mark.parametrize("beta", [0.0, 0.2])
+def test_one_step_raises_high_d_candidates(paths, length_normalize, beta):
+    base, adapter = paths
+    torch.manual_seed(0)
+    student = load_student(StudentConfig(name_or_path=str(base)), adapter=adapter, reference=adapter)
+    rec = Record(id="q", prompt="What is 3 + 4?", reference="7")
+    prefix = student.prefix(rec.prompt)
+    cands = [student.encode_response(t) for t in ("7", "8", "it is 7", "red")]
+    r = torch.tensor([0.0, -2.0, -0.5, -3.0])
+    target = torch.softmax(r / 0.2, 0)
+    group = Group(rec, "7", prefix, cands, ["7", "8", "it is 7", "red"], Scores(r, torch.tensor(0.0)), r, target)
+    cfg = dataclasses.replace(TrainConfig(), beta=beta, length_normalize=length_normalize)
+    ctx = StepContext(step=0, total_steps=1, ranking=RankingConfig())
+
+    def seq_logp() -> torch.Tensor:
+        with torch.no_grad():
+            return student.token_logprobs(prefix, cands).sequence(length_normalize=False)
+
+    before = seq_logp()
+    opt = torch.optim.SGD(student.trainable_parameters(), lr=0.5)
+    student.model.train()
+    loss, _ = ldl_grpo_group_loss(student, group, cfg, ctx)
+    loss.backward()
+    opt.step()
+    student.model.eval()
+    delta = seq_logp() - before
+    top, low = target.argmax(), target.argmin()
+    assert delta[top] > delta[low]                       # the high-D candidate gains on the low-D one
+    # and D-weighted: the expected change of log π under D beats the change under the policy's own q
+    assert float((target * delta).sum()) > float(delta.mean())
+
+
+def test_anchor_in_group_adds_the_anchor_with_margin_zero(paths):
+    from vlrlcd.training.rollout import RolloutPlan, rank_group
+
+    base, adapter = paths
+    student = load_student(StudentConfig(name_or_path=str(base)), adapter=adapter, reference=adapter)
+    rec = Record(id="q", prompt="What is 3 + 4?", reference="7")
+    cands = [student.encode_response(t) for t in ("8", "9")]
+    scores = Scores(torch.tensor([-1.0, -2.0]), torch.tensor(-0.5))
+    plan = RolloutPlan(2, "anchor", "sft")
+    plain = rank_group(student, rec, "7", plan, student.prefix(rec.prompt), cands, RankingConfig(), scores)
+    witha = rank_group(student, rec, "7", plan, student.prefix(rec.prompt), cands,
+                       RankingConfig(anchor_in_group=True), scores)
+    assert plain.texts == ["8", "9"] and witha.texts == ["8", "9", "7"]
+    assert torch.allclose(witha.margins, torch.tensor([-0.5, -1.5, 0.0]))
+    assert witha.target.argmax() == 2 and abs(float(witha.target.sum()) - 1) < 1e-6
