@@ -174,7 +174,27 @@ def test_pipeline_eval_passes_the_configured_batch_size(monkeypatch, tmp_path):
         return SimpleNamespace(metric="accuracy", value=1.0, n=len(recs))
 
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    cfg = SimpleNamespace(eval=EvalConfig(max_new_tokens=5, batch_size=3))
+    cfg = SimpleNamespace(eval=EvalConfig(max_new_tokens=5, batch_size=3, train_prompts=0))
     prep = SimpleNamespace(cfg=cfg, eval=[Record("a", "q", None, "r")])
     assert _eval(None, prep, tmp_path, False) == {"accuracy": 1.0, "n": 1}
     assert seen == {"batch_size": 3, "max_new_tokens": 5}
+
+
+def test_pipeline_eval_also_scores_the_first_training_prompts(monkeypatch, tmp_path):
+    import vlrlcd.evaluation.evaluate as evaluation
+    from vlrlcd.pipeline import _eval
+
+    calls = []
+
+    def fake_evaluate(student, recs, max_new_tokens, metric, out, progress, answers=None, batch_size=-1):
+        calls.append(([r.id for r in recs], out))
+        return SimpleNamespace(metric="accuracy", value=0.25 * len(calls), n=len(recs))
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    cfg = SimpleNamespace(eval=EvalConfig(train_prompts=2))
+    train = [Record(f"t{i}", "q", None, "r") for i in range(5)]
+    prep = SimpleNamespace(cfg=cfg, eval=[Record("a", "q", None, "r")], train=train)
+    assert _eval(None, prep, tmp_path, False) == {"accuracy": 0.25, "n": 1, "train_accuracy": 0.5}
+    assert calls == [(["a"], tmp_path), (["t0", "t1"], None)]   # training answers are never written as predictions
+    calls.clear()   # sharded runs pass the held-out answers: no extra decode of training prompts there
+    assert _eval(None, prep, tmp_path, False, answers=["r"]) == {"accuracy": 0.25, "n": 1}

@@ -130,7 +130,12 @@ def _eval(student, prep: Prepared, out: Path, progress: bool, answers: list[str]
     ecfg = prep.cfg.eval
     res = evaluate(student, prep.eval, ecfg.max_new_tokens, ecfg.metric, out, progress, answers,
                    batch_size=ecfg.batch_size)
-    return {res.metric: res.value, "n": res.n}
+    metrics = {res.metric: res.value, "n": res.n}
+    if ecfg.train_prompts and answers is None:  # the same greedy score on training prompts: fit vs generalisation
+        seen = evaluate(student, prep.train[: ecfg.train_prompts], ecfg.max_new_tokens, ecfg.metric, None, progress,
+                        batch_size=ecfg.batch_size)
+        metrics[f"train_{seen.metric}"] = seen.value
+    return metrics
 
 
 def start_key(init_adapter: Path | None, seed: int) -> str:

@@ -11,7 +11,9 @@ from matplotlib.figure import Figure
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.evaluation.rundir import method_names, read_json, read_rows
 
-CURVE_KEYS = (("loss", "loss"), ("margin_mean", "mean margin r"), ("kl", "KL to SFT policy"))
+CURVE_KEYS = (("loss", "loss"), ("margin_mean", "mean margin r"), ("kl", "KL to SFT policy"),
+              ("diag_right", "share of samples right (train prompts)"),
+              ("diag_auroc", "AUROC of r_k, right vs wrong (train prompts)"))
 
 
 def _number(v) -> float | None:
@@ -52,21 +54,21 @@ def held_out(run_dir: Path, method: str, summary: dict | None) -> tuple[str, flo
 
 
 def write_curves(run_dir: str | Path) -> Path:
-    """Draw RUN/curves.png (Agg, no pyplot state): one line per method for loss, mean margin and KL
-    against the optimizer step (dashed: SFT stage), and bars of the held-out metric per method.
+    """Draw RUN/curves.png (Agg, no pyplot state): one line per method for loss, mean margin, KL and the
+    ranking diagnostics (training/diagnostics.py) against the optimizer step (dashed: SFT stage), and bars of the held-out metric per method.
     Missing pieces show as "no data" in their panel."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VlrlcdError(f"run directory {run_dir} does not exist; train first (vlrlcd train CONFIG)")
     summary, _ = read_json(run_dir / "summary.json")
     methods = method_names(run_dir, summary)
-    fig = Figure(figsize=(11, 7.5), dpi=90, layout="constrained")
+    fig = Figure(figsize=(15, 7.5), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2).ravel()
+    axes = fig.subplots(2, 3).ravel()
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     rows_by_method = {m: read_rows(run_dir / m / "metrics.jsonl").rows for m in methods}
 
-    for ax, (key, title) in zip(axes[:3], CURVE_KEYS):
+    for ax, (key, title) in zip(axes[:len(CURVE_KEYS)], CURVE_KEYS):
         drawn = False
         for m in methods:
             rows = rows_by_method[m]
@@ -91,7 +93,7 @@ def write_curves(run_dir: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
 
-    ax = axes[3]
+    ax = axes[len(CURVE_KEYS)]
     vals = [(m, held_out(run_dir, m, summary)) for m in methods]
     vals = [(m, v) for m, v in vals if v is not None]
     if vals:
