@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from vlrlcd.adapters.cache import expand_cache
+from vlrlcd.adapters.cache import cache_kwargs, expand_cache, output_cache
 from vlrlcd.adapters.families import Family
 from vlrlcd.errors import VlrlcdError
 
@@ -144,7 +144,7 @@ class StudentAdapter:
     # ---------------------------------------------------------------- compute
     def _prefix_forward(self, prefix: Prefix):
         out = self.model(input_ids=prefix.input_ids, use_cache=True, logits_to_keep=1, **prefix.model_kwargs)
-        return out.past_key_values, out.logits[:, -1, :]
+        return output_cache(out), out.logits[:, -1, :]
 
     def _positions(self, prefix: Prefix, k: int, start: int, length: int) -> dict:
         """`position_ids` for `length` continuation tokens from offset `start` after the prefix, for
@@ -204,8 +204,7 @@ class StudentAdapter:
     def _continue(self, prefix: Prefix, cache, ids: torch.Tensor):
         """Feed `ids` [K, L] right after the prefix, as one batch on its K-fold expanded cache."""
         K, L = ids.shape
-        return self.model(input_ids=ids, past_key_values=expand_cache(cache, K), use_cache=True,
-                          **self._positions(prefix, K, 0, L))
+        return self.model(input_ids=ids, **cache_kwargs(expand_cache(cache, K)), **self._positions(prefix, K, 0, L))
 
     def continuation_logits(self, prefix: Prefix, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits after each response token on the shared prefix: ([K, T, V], row t is the distribution after
@@ -271,9 +270,8 @@ class StudentAdapter:
             nxt, done, stop = self._record_step(nxt, done, eos, steps, t == max_new_tokens - 1)
             if stop:
                 break
-            out = self.model(input_ids=nxt.unsqueeze(1), past_key_values=cache, use_cache=True,
-                             **self._positions(prefix, k, t, 1))
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            out = self.model(input_ids=nxt.unsqueeze(1), **cache_kwargs(cache), **self._positions(prefix, k, t, 1))
+            cache, logits = output_cache(out), out.logits[:, -1, :]
         return self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(k)])
 
     def batchable(self, prefixes: list[Prefix]) -> bool:
@@ -325,8 +323,8 @@ class StudentAdapter:
                 break
             attn = torch.cat([attn, attn.new_ones(n * k, 1)], dim=1)
             out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=(next_pos + t)[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+                             **cache_kwargs(cache))
+            cache, logits = output_cache(out), out.logits[:, -1, :]
         rows = self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n * k)])
         return [rows[i * k:(i + 1) * k] for i in range(n)]
 
@@ -347,7 +345,7 @@ class StudentAdapter:
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, logits_to_keep=1, **kwargs)
         reps = torch.tensor(repeats, device=device)
-        return (_repeat_cache(out.past_key_values, reps), out.logits[:, -1, :].repeat_interleave(reps, dim=0),
+        return (_repeat_cache(output_cache(out), reps), out.logits[:, -1, :].repeat_interleave(reps, dim=0),
                 attn.repeat_interleave(reps, dim=0), torch.tensor(lens, device=device).repeat_interleave(reps))
 
     def token_logprobs_batch(self, prefixes: list[Prefix], responses: list[list[list[int]]]) -> list[TokenLogprobs]:
@@ -380,7 +378,7 @@ class StudentAdapter:
                 R, C = fed.shape  # right padding: a real token never sees a pad
                 pos = next_pos[:, None] + torch.arange(C, device=fed.device)[None, :]
                 return self.model(input_ids=fed, attention_mask=torch.cat([attn, attn.new_ones(R, C)], dim=1),
-                                  position_ids=pos, past_key_values=cache, use_cache=True).logits
+                                  position_ids=pos, **cache_kwargs(cache)).logits
 
             tl = self._rows_logprobs(last, ids, mask, continuation)
         start = 0
