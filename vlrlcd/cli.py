@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.threads import apply_thread_policy
 
 
 def _config(args):
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    apply_thread_policy(announce=args.command not in ("report", "data"))  # the policy: vlrlcd/threads.py
     try:
         return args.func(args)
     except VlrlcdError as e:
