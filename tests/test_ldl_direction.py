@@ -75,3 +75,49 @@ def test_anchor_in_group_adds_the_anchor_with_margin_zero(paths):
     assert plain.texts == ["8", "9"] and witha.texts == ["8", "9", "7"]
     assert torch.allclose(witha.margins, torch.tensor([-0.5, -1.5, 0.0]))
     assert witha.target.argmax() == 2 and abs(float(witha.target.sum()) - 1) < 1e-6
+
+
+def test_distinct_mask_marks_first_occurrences():
+    from vlrlcd.training.rollout import distinct_mask
+
+    assert distinct_mask([[1, 2], [3], [1, 2], [3], [4]]).tolist() == [True, True, False, False, True]
+    assert distinct_mask([]).tolist() == []
+
+
+def test_distinct_target_does_not_count_how_often_an_answer_was_sampled(paths):
+    """Two samples of "blue" (r = -0.05) and one "green" (the anchor, r = 0): over the multiset D gives blue
+    2·e^-0.25 / (1 + 2·e^-0.25) = 0.609 of its mass; over the candidate set green gets 1 / (1 + e^-0.25) = 0.562."""
+    import math
+
+    from vlrlcd.training.rollout import RolloutPlan, rank_group
+
+    base, adapter = paths
+    student = load_student(StudentConfig(name_or_path=str(base)), adapter=adapter, reference=adapter)
+    rec = Record(id="q", prompt="What color is the square?", reference="green")
+    cands = [student.encode_response(t) for t in ("blue", "blue", "green")]
+    scores = Scores(torch.tensor([-0.05, -0.05, 0.0]), torch.tensor(0.0))
+    plan = RolloutPlan(3, "anchor", "sft")
+    rcfg = RankingConfig(gamma=0.0, tau=0.2)
+    multi = rank_group(student, rec, "green", plan, student.prefix(rec.prompt), cands, rcfg, scores)
+    dist = rank_group(student, rec, "green", plan, student.prefix(rec.prompt), cands,
+                      dataclasses.replace(rcfg, distinct=True), scores)
+    e = math.exp(-0.25)
+    assert abs(float(multi.target[:2].sum()) - 2 * e / (1 + 2 * e)) < 1e-5
+    assert abs(float(dist.target[2]) - 1 / (1 + e)) < 1e-5 and float(dist.target[1]) == 0.0
+
+
+def test_distinct_loss_ignores_repeats(paths):
+    """With ranking.distinct the loss is that of the group without its repeats (same D, same q)."""
+    base, adapter = paths
+    student = load_student(StudentConfig(name_or_path=str(base)), adapter=adapter, reference=adapter)
+    rec = Record(id="q", prompt="What is 3 + 4?", reference="7")
+    prefix = student.prefix(rec.prompt)
+    texts = ["7", "8", "7"]
+    cands = [student.encode_response(t) for t in texts]
+    cfg, ctx = TrainConfig(beta=0.2), StepContext(0, 1, RankingConfig(distinct=True))
+    with_rep = Group(rec, "7", prefix, cands, texts, None, torch.tensor([0.0, -1.0, 0.0]), torch.tensor([0.7, 0.3, 0.0]))
+    without = Group(rec, "7", prefix, cands[:2], texts[:2], None, torch.tensor([0.0, -1.0]), torch.tensor([0.7, 0.3]))
+    with torch.no_grad():
+        a, _ = ldl_grpo_group_loss(student, with_rep, cfg, ctx)
+        b, _ = ldl_grpo_group_loss(student, without, cfg, ctx)
+    assert abs(float(a) - float(b)) < 1e-5

@@ -95,6 +95,21 @@ class Group:
                 "target": [round(float(x), 5) for x in self.target]}
 
 
+def distinct_mask(candidates: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[K] bool: True at the first occurrence of each distinct candidate (token ids), False on its repeats.
+
+    The candidate *set* of the group (arXiv 2601.20687 normalises over it): a repeat left in would count the
+    policy's own sampling frequency into D_x and q_θ, so an answer the student already samples often would
+    gain target mass for being frequent, not for agreeing with the anchor."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for c in candidates:
+        key = tuple(c)
+        out.append(key not in seen)
+        seen.add(key)
+    return torch.tensor(out, dtype=torch.bool)
+
+
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     """A sampling RNG fixed by (seed, step, prompt index): resumable and independent of batching."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + index) % (2**63))
@@ -178,5 +193,6 @@ def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: Rollo
         if rcfg.anchor_in_group and plan.score == "anchor":
             candidates = list(candidates) + [student.encode_response(anchor)]
             r = torch.cat([r, r.new_zeros(1)])
-        target = target_distribution(r[None], rcfg.gamma, rcfg.tau)[0]
+        valid = distinct_mask(candidates)[None] if rcfg.distinct else None
+        target = target_distribution(r[None], rcfg.gamma, rcfg.tau, valid)[0]
     return Group(record, anchor, prefix, candidates, [student.decode(c) for c in candidates], scores, r, target)

@@ -32,7 +32,7 @@ from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.pairs import ANCHOR, preference_pairs
 from vlrlcd.ranking.scorers import scoring_prompt
 from vlrlcd.training.config import TrainConfig
-from vlrlcd.training.rollout import Group, has_verifier
+from vlrlcd.training.rollout import Group, distinct_mask, has_verifier
 
 LossOut = tuple[torch.Tensor, dict]   # (loss attached to the graph, metrics)
 
@@ -219,8 +219,9 @@ def ldl_grpo_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig,
     """KL(D_x ‖ q_θ) + β·KL(π_θ ‖ π_sft) for one group; the reference is an adapter switch."""
     policy = candidate_logprobs(student, group, "policy")
     ref = candidate_logprobs(student, group, "reference").logp[None] if cfg.beta != 0 else None
+    valid = distinct_mask(group.candidates).to(policy.logp.device)[None] if ctx.ranking.distinct else None
     return ldl_grpo_loss(policy.logp[None], ref, policy.mask[None], group.target[None].to(policy.logp), cfg.beta,
-                         cfg.length_normalize)
+                         cfg.length_normalize, valid)
 
 
 def sft2_group_loss(student: StudentAdapter, group: Group, cfg: TrainConfig, ctx: StepContext) -> LossOut:
