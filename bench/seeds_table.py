@@ -1,4 +1,4 @@
-"""The README's results table from several demo runs: `python -m bench.seeds_table RUN_DIR [RUN_DIR ...]`.
+"""The README's results table from several demo runs: `python -m bench.seeds_table RUN_DIR|SUMMARY.json ...`.
 
 Reads each RUN/summary.json (`vlrlcd demo` or `vlrlcd compare`) and prints, per method, the held-out score
 on every seed, its difference to SFT with the paired bootstrap 95% interval (from the summary), the mean
@@ -24,8 +24,8 @@ def held_out_metric(entry: dict) -> tuple[str, float] | None:
 
 
 def load(run: Path) -> dict:
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    return summary
+    """A run directory's summary.json, or a summary file given directly."""
+    return json.loads((run if run.is_file() else run / "summary.json").read_text(encoding="utf-8"))
 
 
 def table(runs: list[Path]) -> str:
