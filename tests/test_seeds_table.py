@@ -27,3 +27,19 @@ def test_table_means_and_intervals(tmp_path):
     assert "0.600 (+0.100 [+0.020, +0.180])" in row and "**0.500**" in row and "+0.050" in row and "1/2" in row
     assert next(line for line in out.splitlines() if line.startswith("| sft")).count("**0.450**") == 1
     assert "chance level: [0.25, 0.25]" in out and "teacher calls per run: [10, 10]" in out
+
+
+def test_by_qtype_scores_and_constant_share(tmp_path):
+    from bench.by_qtype import method_rows, qtypes, table
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "sft").mkdir()
+    recs = [("a", "color"), ("b", "color"), ("c", "count"), ("d", "color")]
+    (tmp_path / "data" / "eval.jsonl").write_text("".join(json.dumps({"id": i, "meta": {"qtype": q}}) + "\n"
+                                                          for i, q in recs))
+    preds = [("a", "red", 1.0), ("b", "red", 0.0), ("c", "2", 1.0), ("d", "blue", 1.0)]
+    (tmp_path / "sft" / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": i, "prediction": p, "correct": c}) + "\n" for i, p, c in preds))
+    rows = method_rows(tmp_path, "sft", qtypes(tmp_path))
+    assert rows["color"] == (2 / 3, 2 / 3, 3) and rows["count"] == (1.0, 1.0, 1)
+    assert "| sft | 0.667 (0.67) | 1.000 (1.00) |" in table([tmp_path])
