@@ -28,13 +28,28 @@ def load(run: Path) -> dict:
     return json.loads((run if run.is_file() else run / "summary.json").read_text(encoding="utf-8"))
 
 
+def _costs(run: Path) -> dict[str, str]:
+    """method -> "total (stage II)" teacher calls from RUN/compare.json, when the run has one."""
+    path = (run.parent if run.is_file() else run) / "compare.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for row in json.loads(path.read_text(encoding="utf-8")).get("rows", []):
+        extra = f" +{row['local_teacher_passes']} local" if row.get("local_teacher_passes") else ""
+        out[row["method"]] = f"{row.get('teacher_calls')} ({row.get('stage2_teacher_calls')}{extra})"
+    return out
+
+
 def table(runs: list[Path]) -> str:
     summaries = [load(r) for r in runs]
     methods: list[str] = []
     for s in summaries:
         methods += [m for m in s.get("methods", {}) if m not in methods]
     seeds = [str(s.get("seed", r.name)) for s, r in zip(summaries, runs)]
+    costs = [_costs(r) for r in runs]
+    with_cost = any(costs)
     head = ["method"] + [f"seed {x}" for x in seeds] + ["mean", "mean Δ vs SFT", "runs with CI > 0"]
+    head += ["teacher calls per run (stage II)"] if with_cost else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         cells, vals, diffs, above = [m], [], [], 0
@@ -55,6 +70,8 @@ def table(runs: list[Path]) -> str:
         cells.append(f"**{sum(vals) / len(vals):.3f}**" if vals else "-")
         cells.append(f"{sum(diffs) / len(diffs):+.3f}" if diffs else "")
         cells.append(f"{above}/{len(diffs)}" if diffs else "")
+        if with_cost:
+            cells.append(", ".join(c.get(m, "-") for c in costs))
         lines.append("| " + " | ".join(cells) + " |")
     chance = [s.get("chance") for s in summaries if isinstance(s.get("chance"), (int, float))]
     n = [s.get("eval_prompts") for s in summaries]
