@@ -121,3 +121,17 @@ def test_distinct_loss_ignores_repeats(paths):
         a, _ = ldl_grpo_group_loss(student, with_rep, cfg, ctx)
         b, _ = ldl_grpo_group_loss(student, without, cfg, ctx)
     assert abs(float(a) - float(b)) < 1e-5
+
+
+def test_anchor_match_scores_normalised_agreement(paths):
+    from vlrlcd.ranking.scorers import anchor_match, get_scorer
+
+    base, adapter = paths
+    student = load_student(StudentConfig(name_or_path=str(base)), adapter=adapter, reference=adapter)
+    cands = [student.encode_response(t) for t in ("Red.", "blue", "a red one")]
+    s = anchor_match(student, "What color is it?", None, "red", cands)
+    # "Red." normalises to "red": 1; "blue": no shared token: 0; "a red one" -> {"red", "one"} vs {"red"}:
+    # precision 1/2, recall 1, F1 = 2/3
+    assert torch.allclose(s.candidates, torch.tensor([1.0, 0.0, 2 / 3])) and float(s.anchor) == 1.0
+    assert get_scorer("anchor_match") is anchor_match
+    assert float(anchor_match(student, "q", None, None, cands).candidates.abs().sum()) == 0.0

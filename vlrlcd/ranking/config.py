@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 from vlrlcd.errors import VlrlcdError
 
-SCORER_NAMES = ("self_likelihood", "self_judge", "clip", "composite")
+SCORER_NAMES = ("self_likelihood", "self_judge", "clip", "anchor_match", "composite")
 PAIR_MODES = ("best_worst", "all", "anchor")
 
 
 @dataclass
 class RankingConfig:
-    scorer: str = "self_likelihood"    # self_likelihood | self_judge | clip | composite
+    scorer: str = "self_likelihood"    # self_likelihood | self_judge | clip | anchor_match | composite
     gamma: float = 1.0                 # D_x(k) ∝ sigmoid(γ r_k) · exp(r_k / τ)
     tau: float = 0.5
     score_with: str = "policy"         # policy | sft: which adapter the scorer runs under

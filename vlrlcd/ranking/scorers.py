@@ -7,6 +7,7 @@ vision pass). `anchor=None` scores without a reference (self_ppo's reward); the 
 - self_likelihood: mean_t log π(y_t | x, reference a, y_<t);
 - self_judge: the student asked whether y is correct given the reference a: log P(yes) − log P(no);
 - clip: open_clip, w_t·cos(T(y), T(a)) + w_i·[cos(I, T(y)) − cos(I, T(a))];
+- anchor_match: 1 for a normalised exact match with the anchor, else token-overlap F1 (no model pass);
 - composite: Σ_s w_s · g_s over named scorers.
 """
 
@@ -199,6 +200,22 @@ def clip(student: StudentAdapter, prompt: str, image: Any, anchor: str | None, c
     return Scores(g, g_anchor)
 
 
+# ------------------------------------------------------------------ anchor_match
+@torch.no_grad()
+def anchor_match(student: StudentAdapter, prompt: str, image: Any, anchor: str | None, candidates: list[list[int]],
+                 features: Any = None) -> Scores:
+    """g(x, a, y) = 1 when y and the anchor are equal after answer normalisation, else their token-overlap F1
+    (teacher/base.reference_score): the anchor read as text, no model pass. g(x, a, a) = 1; without an
+    anchor every score is 0."""
+    from vlrlcd.teacher.base import reference_score
+
+    zeros = torch.zeros(len(candidates), device=student.device)
+    if anchor is None:
+        return Scores(zeros, zeros.new_zeros(()))
+    g = torch.tensor([reference_score(student.decode(c), anchor) for c in candidates], device=student.device)
+    return Scores(g, zeros.new_ones(()))
+
+
 # ------------------------------------------------------------------ composite
 @torch.no_grad()
 def composite(student: StudentAdapter, prompt: str, image: Any, anchor: str | None, candidates: list[list[int]],
@@ -216,7 +233,7 @@ def composite(student: StudentAdapter, prompt: str, image: Any, anchor: str | No
 
 
 SCORERS: dict[str, Callable] = {"self_likelihood": self_likelihood, "self_judge": self_judge, "clip": clip,
-                                "composite": composite}
+                                "anchor_match": anchor_match, "composite": composite}
 # scorers with a batched form f(student, items: list[ScoreItem]) -> list[Scores] (the rollout scores a step's
 # groups in one call); the others run group by group
 BATCH_SCORERS: dict[str, Callable] = {"self_likelihood": self_likelihood_batch}
