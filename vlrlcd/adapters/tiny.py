@@ -53,11 +53,14 @@ BASE_CORPUS = [
 ]
 
 
-def _bpe(corpus: list[str], vocab_size: int, special_tokens: list[str]):
+def _bpe(corpus: list[str], vocab_size: int, special_tokens: list[str], split_digits: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # split_digits: every digit its own token, never merged with its neighbours or the space before it
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special_tokens,
@@ -67,12 +70,13 @@ def _bpe(corpus: list[str], vocab_size: int, special_tokens: list[str]):
     return tok
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on `corpus` in well under a second, with a chat template."""
+def train_tokenizer(corpus: list[str], vocab_size: int = 512, split_digits: bool = False):
+    """A byte-level BPE tokenizer trained on `corpus` in well under a second, with a chat template
+    (`split_digits`: one token per digit)."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=_bpe(corpus, vocab_size, SPECIAL_TOKENS),
+        tokenizer_object=_bpe(corpus, vocab_size, SPECIAL_TOKENS, split_digits),
         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
@@ -80,12 +84,13 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 512):
     return fast
 
 
-def train_qwen_tokenizer(corpus: list[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer with Qwen's special tokens and ChatML template (eos <|im_end|>)."""
+def train_qwen_tokenizer(corpus: list[str], vocab_size: int = 512, split_digits: bool = False):
+    """A byte-level BPE tokenizer with Qwen's special tokens and ChatML template (eos <|im_end|>;
+    `split_digits`: one token per digit)."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=_bpe(corpus, vocab_size, QWEN_SPECIAL_TOKENS),
+        tokenizer_object=_bpe(corpus, vocab_size, QWEN_SPECIAL_TOKENS, split_digits),
         eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
@@ -117,18 +122,23 @@ def _save(model, processor_or_tokenizer, out_dir: str | Path) -> Path:
 
 def build_tiny_text(out_dir: str | Path, corpus: list[str], tiny: TinyConfig | None = None, seed: int = 0,
                     arch: str = "llama") -> Path:
-    """Save a tiny random text student (`arch` llama or qwen2) and its tokenizer to `out_dir`."""
+    """Save a tiny random text student (`arch` llama or qwen2) and its tokenizer to `out_dir`.
+
+    Its tokenizer splits numbers into single digits, as Llama 2's and Qwen2's do: with whole numbers as
+    learned BPE merges ("12" one token, "13" two, " 7" and "7" different tokens) a tiny model can only
+    memorise sums it has seen; with digits, written sums share their digit facts and held-out ones can be
+    learned (the text demo, vlrlcd/configs/demo_text.yaml)."""
     t = tiny or TinyConfig()
     if arch == "llama":
         from transformers import LlamaForCausalLM
 
-        tok = train_tokenizer(corpus, t.vocab_size)
+        tok = train_tokenizer(corpus, t.vocab_size, split_digits=True)
         torch.manual_seed(seed)
         return _save(LlamaForCausalLM(_llama_config(tok, t)), tok, out_dir)
     if arch == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        tok = train_qwen_tokenizer(corpus, t.vocab_size)
+        tok = train_qwen_tokenizer(corpus, t.vocab_size, split_digits=True)
         cfg = Qwen2Config(
             vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
             num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,

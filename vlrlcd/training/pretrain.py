@@ -1,7 +1,8 @@
 """Pretraining for the tiny random students, so that the demo starts where a user does: from a base
 model that can already see (a real student is a pretrained checkpoint; a tiny one built from a config
 is not). All weights train, on generic data the teacher never sees and the evaluation never uses:
-captions of freshly drawn scenes for a vision-language student, arithmetic for a text student.
+captions of freshly drawn scenes for a vision-language student, number sense (successor, predecessor,
+comparison, counting; never an arithmetic question) for a text student.
 
 The examples are tokenized once (the checkpoint's own chat template and processor) and trained as plain
 right-padded batches through the standard forward: this stage is throughput-bound, not RL.
@@ -19,15 +20,43 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.training.common import clipped_step, make_optimizer, seed_everything
 
 PRETRAIN_SEED_OFFSET = 7919   # keeps pretraining scenes apart from every data split's seed stream
+NUMBER_MAX = 99               # number-sense pretraining covers 0..NUMBER_MAX
+
+
+def number_records(n: int, seed: int, max_value: int = NUMBER_MAX) -> list[Record]:
+    """Generic number sense, never an arithmetic question: what comes after / before a number, which of two
+    is larger, and counting a short run ("Count from 7 to 10." -> "7 8 9 10"), the four kinds in turn.
+
+    A tiny text base pretrained on it learns the order of numbers and how digits carry; held-out sums are
+    then learnable by SFT (without it, a tiny model fits its training sums and little else)."""
+    rng = random.Random(f"numbers|{seed}")
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            x = rng.randint(0, max_value - 1)
+            prompt, ref = f"What comes after {x}?", str(x + 1)
+        elif kind == 1:
+            x = rng.randint(1, max_value)
+            prompt, ref = f"What comes before {x}?", str(x - 1)
+        elif kind == 2:
+            a, b = rng.sample(range(max_value + 1), 2)
+            prompt, ref = f"Which is larger, {a} or {b}?", str(max(a, b))
+        else:
+            a = rng.randint(0, max_value - 2)
+            b = min(max_value, a + rng.randint(1, 4))
+            prompt, ref = f"Count from {a} to {b}.", " ".join(str(v) for v in range(a, b + 1))
+        out.append(Record(id=f"numbers-s{seed}-{i:05d}", prompt=prompt, reference=ref, meta={"task": "numbers"}))
+    return out
 
 
 def pretraining_records(vision: bool, n: int, seed: int, image_dir: Path, image_size: int) -> list[Record]:
-    """Generic (prompt, reference) pairs: scene captions for a VLM, arithmetic for a text model."""
+    """Generic (prompt, reference) pairs: scene captions for a VLM, number sense for a text model."""
     from vlrlcd.datasets import synthetic
 
     if vision:
         return synthetic.shapes_caption(n, seed + PRETRAIN_SEED_OFFSET, image_dir, image_size, split="pretrain")
-    return synthetic.arithmetic(n, seed + PRETRAIN_SEED_OFFSET, split="pretrain")
+    return number_records(n, seed + PRETRAIN_SEED_OFFSET)
 
 
 def _encode(student, records: list[Record]) -> list[tuple[list[int], int, dict]]:
