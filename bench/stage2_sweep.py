@@ -1,4 +1,4 @@
-"""Stage-II sweeps from one SFT start: `python -m bench.stage2_sweep --seed S --out DIR --name NAME key=value ...`.
+"""Stage-II sweeps from one SFT start: `python -m bench.stage2_sweep [--task T] --seed S --out DIR --name NAME key=value ...`.
 
 Prepares the demo recipe (with `--task`), reuses DIR's finished SFT stage (trains it once), runs stage II with
 the overrides into DIR/sweep/NAME, then greedy-evaluates SFT and the new policy on the held-out split and
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", required=True)
+    ap.add_argument("--task", default="vqa", help="the demo task whose recipe to use (vqa | captions | text)")
     ap.add_argument("--train-eval", type=int, default=256, help="training prompts to greedy-evaluate")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlrlcd.training.steps import make_context
 
     t0 = time.time()
-    cfg = demo_config(args.out, args.seed, False, args.overrides)
+    cfg = demo_config(args.out, args.seed, False, args.overrides, task=args.task)
     prep = prepare(cfg, progress=False)
     sft_adapter, _ = run_sft(prep, progress=False, resume=True)
     out = Path(args.out) / "sweep" / args.name

@@ -20,7 +20,7 @@ def _config(args):
 def cmd_demo(args) -> int:
     from vlrlcd.demo import run_demo
 
-    run_demo(args.out, args.seed, args.quick, args.overrides, progress=not args.no_progress)
+    run_demo(args.out, args.seed, args.quick, args.overrides, progress=not args.no_progress, task=args.task)
     return 0
 
 
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the end-to-end CPU demo on embedded defaults")
+    d.add_argument("--task", default="vqa", choices=("vqa", "captions", "text"),
+                   help="shapes VQA (default; exact match), shapes captions (objects named with the right colour) "
+                        "or arithmetic with a tiny text student (exact match)")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes)")

@@ -1,7 +1,11 @@
 """`vlrlcd demo`: the whole method on CPU on embedded defaults, nothing downloaded.
 
-synthetic shapes VQA -> oracle-teacher anchors (stored) -> SFT of a tiny LLaVA student -> K candidates
-per prompt -> ranking core -> LDL-GRPO -> held-out evaluation -> summary table and report.
+synthetic task -> oracle-teacher anchors (stored) -> SFT of a tiny student -> K candidates per prompt ->
+ranking core -> stage II -> held-out evaluation beside the task's chance level -> summary table and report.
+
+Three tasks, one API (`--task`): shapes VQA (exact match, a tiny LLaVA), shapes captions (objects named with
+the right colour, a tiny LLaVA) and arithmetic (exact match, a tiny text student); each has its recipe in
+vlrlcd/configs/.
 """
 
 from __future__ import annotations
@@ -11,38 +15,69 @@ from importlib import resources
 from pathlib import Path
 
 from vlrlcd.config import Config, apply_overrides, from_dict
+from vlrlcd.errors import VlrlcdError
 from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, write_summary
 
-QUICK = [
-    "data.train_size=48", "data.eval_size=32", "student.tiny.pretrain_examples=256", "train.sft_epochs=3",
-    "train.rl_steps=4", "train.batch_size=4", "train.k=4", "student.tiny.num_layers=2",
-]
+# Each task's embedded recipe (vlrlcd/configs/).
+RECIPES = {"vqa": "demo.yaml", "captions": "demo_captions.yaml", "text": "demo_text.yaml"}
+TASKS = tuple(RECIPES)
+# --quick: smaller data, a 2-layer student and a shorter, faster SFT per task, so that a run takes about a
+# minute on one thread and SFT still ends well above chance; stage II takes 4 small steps (tests/test_demo.py
+# holds every task to that).
+_QUICK_RL = ["train.rl_steps=4", "train.batch_size=4", "train.k=4"]
+QUICK = {
+    "vqa": ["data.train_size=256", "data.eval_size=128", "student.tiny.pretrain_examples=1024",
+            "student.tiny.num_layers=2", "train.sft_epochs=10", "train.sft_lr=0.004", "train.sft_copy_pairs=1",
+            *_QUICK_RL],
+    "captions": ["data.train_size=256", "data.eval_size=64", "student.tiny.pretrain_examples=2048",
+                 "student.tiny.num_layers=2", "train.sft_epochs=10", "train.sft_lr=0.004",
+                 "train.sft_copy_pairs=1", *_QUICK_RL],
+    "text": ["data.train_size=256", "data.eval_size=64", "student.tiny.pretrain_examples=2048",
+             "student.tiny.num_layers=2", "train.sft_epochs=32", *_QUICK_RL],
+}
 # Stage II methods the demo compares, all from the same SFT start (DESIGN.md's methods table).
 METHODS = ("sft2", "single_pair_dpo", "anchor_rank_dpo", "ldl_grpo")
 
 
-def demo_config(out: str | Path, seed: int = 0, quick: bool = False, overrides: list[str] | None = None) -> Config:
-    """The embedded demo recipe with the output directory, seed, --quick sizes and overrides applied."""
+def recipe(task: str) -> dict:
+    """The embedded recipe of a demo task, as a raw nested dict."""
     import yaml
 
-    raw = yaml.safe_load(resources.files("vlrlcd").joinpath("configs/demo.yaml").read_text(encoding="utf-8"))
-    extra = (QUICK if quick else []) + [f"run_dir={out}", f"seed={seed}", f"data.seed={seed}",
-                                        f"teacher.seed={seed}"] + list(overrides or [])
-    return from_dict(Config, apply_overrides(raw, extra))
+    if task not in RECIPES:
+        raise VlrlcdError(f"unknown demo task '{task}'; choose one of {', '.join(TASKS)}")
+    text = resources.files("vlrlcd").joinpath(f"configs/{RECIPES[task]}").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def demo_config(out: str | Path, seed: int = 0, quick: bool = False, overrides: list[str] | None = None,
+                task: str = "vqa") -> Config:
+    """A task's embedded demo recipe with the output directory, seed, --quick sizes and overrides applied."""
+    extra = (QUICK[task] if quick else []) + [f"run_dir={out}", f"seed={seed}", f"data.seed={seed}",
+                                              f"teacher.seed={seed}"] + list(overrides or [])
+    return from_dict(Config, apply_overrides(recipe(task), extra))
+
+
+def chance(prep) -> float | None:
+    """The held-out chance level of the run's task (see evaluation/chance.py); None without a held-out split."""
+    from vlrlcd.evaluation.chance import chance_level
+
+    return round(chance_level(prep.train, prep.eval, prep.cfg.eval.metric), 4) if prep.eval else None
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
-             overrides: list[str] | None = None, progress: bool = True) -> dict:
-    """Run the demo end to end; writes OUT/summary.json (and the report) and returns the summary."""
+             overrides: list[str] | None = None, progress: bool = True, task: str = "vqa") -> dict:
+    """Run one demo task end to end; writes OUT/summary.json (and the report) and returns the summary."""
     t0 = time.time()
-    cfg = demo_config(out, seed, quick, overrides)
+    cfg = demo_config(out, seed, quick, overrides, task)
     prep = prepare(cfg, progress)
     sft_adapter, sft_metrics = run_sft(prep, progress=progress)
     methods = {"sft": sft_metrics}
     for objective in (("ldl_grpo",) if quick else METHODS):
         _, methods[objective] = run_rl(prep, sft_adapter, objective, progress=progress)
     summary = {
+        "task": task,
         "methods": methods,
+        "chance": chance(prep),
         "teacher_calls": prep.teacher_calls,
         "anchors_stored": prep.anchors_stored,
         "train_prompts": len(prep.train),
@@ -54,6 +89,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
     }
     write_summary(cfg.run_dir, summary)
     print(format_table(summary), flush=True)
+    print(f"chance level ({task}: the best input-blind constant answer per question type, chosen on the "
+          f"training split): {summary['chance']:.3f}" if summary["chance"] is not None else "chance level: -",
+          flush=True)
     try:
         from vlrlcd.evaluation.report import write_report
 
