@@ -57,7 +57,7 @@ def test_quick_vqa_demo_learns_moves_and_a_rerun_costs_no_teacher_calls(tmp_path
     _assert_learned_and_moved(out, summary, *TASKS["vqa"])
     # the table, the chance level beside it and the report
     assert "ldl_grpo" in stdout and "teacher calls this run" in stdout
-    assert f"chance level (vqa" in stdout and f"{summary['chance']:.3f}" in stdout
+    assert "chance level (vqa" in stdout and f"{summary['chance']:.3f}" in stdout
     assert (out / "report.html").exists() and "report:" in stdout
     rows = _rows(out / "ldl_grpo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -73,15 +73,13 @@ def test_quick_vqa_demo_learns_moves_and_a_rerun_costs_no_teacher_calls(tmp_path
     assert again["anchors_stored"] == summary["anchors_stored"]
 
 
-# --quick --task text does not yet learn within the quick budget (SFT 0.016 against chance 0.000 at the last
-# try): it is left out here, named in the session note, and its full demo (`--task text`) does learn.
-@pytest.mark.parametrize("task", ["captions"])
+@pytest.mark.parametrize("task", ["captions", "text"])
 def test_quick_demo_of_the_other_tasks_learns_and_moves(task, tmp_path):
     out = tmp_path / task
     summary, stdout, seconds = _demo(out, "--task", task)
     metric, margin = TASKS[task]
     assert summary["task"] == task and set(summary["methods"]) == {"sft", "ldl_grpo"}
-    assert summary["methods"]["sft"]["n"] == summary["eval_prompts"] == 64
+    assert summary["methods"]["sft"]["n"] == summary["eval_prompts"] >= 64
     assert seconds < 180, f"--quick --task {task} took {seconds:.0f}s"
     assert f"chance level ({task}" in stdout
     _assert_learned_and_moved(out, summary, metric, margin)

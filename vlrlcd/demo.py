@@ -21,9 +21,9 @@ from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, write_summar
 # Each task's embedded recipe (vlrlcd/configs/).
 RECIPES = {"vqa": "demo.yaml", "captions": "demo_captions.yaml", "text": "demo_text.yaml"}
 TASKS = tuple(RECIPES)
-# --quick: smaller data, a 2-layer student and a shorter, faster SFT per task, so that a run takes about a
-# minute on one thread and SFT still ends well above chance; stage II takes 4 small steps (tests/test_demo.py
-# holds every task to that).
+# --quick: smaller data and a shorter SFT per task (a 2-layer LLaVA at twice the learning rate), so that a run
+# takes about a minute on one thread and SFT still ends well above chance; stage II takes 4 small steps
+# (tests/test_demo.py holds every task to that).
 _QUICK_RL = ["train.rl_steps=4", "train.batch_size=4", "train.k=4"]
 QUICK = {
     "vqa": ["data.train_size=256", "data.eval_size=128", "student.tiny.pretrain_examples=1024",
@@ -32,8 +32,8 @@ QUICK = {
     "captions": ["data.train_size=256", "data.eval_size=64", "student.tiny.pretrain_examples=2048",
                  "student.tiny.num_layers=2", "train.sft_epochs=10", "train.sft_lr=0.004",
                  "train.sft_copy_pairs=1", *_QUICK_RL],
-    "text": ["data.train_size=256", "data.eval_size=64", "student.tiny.pretrain_examples=2048",
-             "student.tiny.num_layers=2", "train.sft_epochs=32", *_QUICK_RL],
+    "text": ["data.train_size=256", "data.eval_size=128", "student.tiny.pretrain_examples=2048",
+             "train.sft_epochs=48", *_QUICK_RL],
 }
 # Stage II methods the demo compares, all from the same SFT start (DESIGN.md's methods table).
 METHODS = ("sft2", "single_pair_dpo", "anchor_rank_dpo", "ldl_grpo")
