@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from vlrlcd.demo import QUICK, TASKS as DEMO_TASKS, demo_config
+from vlrlcd.errors import VlrlcdError
+
 # task -> (its held-out metric, by how much quick SFT must beat the chance level)
 TASKS = {"vqa": ("accuracy", 0.1), "captions": ("caption_attributes", 0.1), "text": ("accuracy", 0.15)}
 
@@ -83,3 +86,15 @@ def test_quick_demo_of_the_other_tasks_learns_and_moves(task, tmp_path):
     assert seconds < 180, f"--quick --task {task} took {seconds:.0f}s"
     assert f"chance level ({task}" in stdout
     _assert_learned_and_moved(out, summary, metric, margin)
+
+
+def test_every_demo_recipe_loads_and_an_unknown_task_is_named():
+    for task in DEMO_TASKS:
+        for quick in (False, True):
+            cfg = demo_config("runs/x", 3, quick, ["train.rl_steps=1"], task)
+            assert cfg.seed == cfg.data.seed == cfg.teacher.seed == 3 and cfg.train.rl_steps == 1
+    assert demo_config("runs/x", task="text").student.name_or_path == "tiny-text"
+    assert demo_config("runs/x", task="captions").data.task == "shapes_caption"
+    assert set(QUICK) == set(DEMO_TASKS) == set(TASKS)
+    with pytest.raises(VlrlcdError, match="unknown demo task 'ocr'.*vqa, captions, text"):
+        demo_config("runs/x", quick=True, task="ocr")

@@ -32,8 +32,7 @@ QUICK = {
     "captions": ["data.train_size=256", "data.eval_size=64", "student.tiny.pretrain_examples=2048",
                  "student.tiny.num_layers=2", "train.sft_epochs=10", "train.sft_lr=0.004",
                  "train.sft_copy_pairs=1", *_QUICK_RL],
-    "text": ["data.train_size=256", "data.eval_size=128", "student.tiny.pretrain_examples=2048",
-             "train.sft_epochs=48", *_QUICK_RL],
+    "text": ["data.train_size=256", "data.eval_size=128", "train.sft_epochs=48", *_QUICK_RL],
 }
 # Stage II methods the demo compares, all from the same SFT start (DESIGN.md's methods table).
 METHODS = ("sft2", "single_pair_dpo", "anchor_rank_dpo", "ldl_grpo")
@@ -52,9 +51,10 @@ def recipe(task: str) -> dict:
 def demo_config(out: str | Path, seed: int = 0, quick: bool = False, overrides: list[str] | None = None,
                 task: str = "vqa") -> Config:
     """A task's embedded demo recipe with the output directory, seed, --quick sizes and overrides applied."""
+    raw = recipe(task)
     extra = (QUICK[task] if quick else []) + [f"run_dir={out}", f"seed={seed}", f"data.seed={seed}",
                                               f"teacher.seed={seed}"] + list(overrides or [])
-    return from_dict(Config, apply_overrides(recipe(task), extra))
+    return from_dict(Config, apply_overrides(raw, extra))
 
 
 def chance(prep) -> float | None:

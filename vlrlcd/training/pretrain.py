@@ -2,7 +2,8 @@
 model that can already see (a real student is a pretrained checkpoint; a tiny one built from a config
 is not). All weights train, on generic data the teacher never sees and the evaluation never uses:
 captions of freshly drawn scenes for a vision-language student, number sense (successor, predecessor,
-comparison, counting, the one-digit addition table) for a text student.
+comparison, counting; never an arithmetic question, so no held-out sum is ever seen) for a text
+student.
 
 The examples are tokenized once (the checkpoint's own chat template and processor) and trained as plain
 right-padded batches through the standard forward: this stage is throughput-bound, not RL.
@@ -24,13 +25,12 @@ NUMBER_MAX = 99               # number-sense pretraining covers 0..NUMBER_MAX
 
 
 def number_records(n: int, seed: int, max_value: int = NUMBER_MAX) -> list[Record]:
-    """Generic number sense, the five kinds in turn: what comes after / before a number, which of two is
-    larger, counting a short run ("Count from 7 to 10." -> "7 8 9 10") and the one-digit addition table
-    ("Add 3 and 4." -> "7"), as a base model knows it; never a question in the arithmetic task's format."""
+    """Generic number sense, never an arithmetic question: what comes after / before a number, which of two
+    is larger, and counting a short run ("Count from 7 to 10." -> "7 8 9 10"), the four kinds in turn."""
     rng = random.Random(f"numbers|{seed}")
     out = []
     for i in range(n):
-        kind = i % 5
+        kind = i % 4
         if kind == 0:
             x = rng.randint(0, max_value - 1)
             prompt, ref = f"What comes after {x}?", str(x + 1)
@@ -40,13 +40,10 @@ def number_records(n: int, seed: int, max_value: int = NUMBER_MAX) -> list[Recor
         elif kind == 2:
             a, b = rng.sample(range(max_value + 1), 2)
             prompt, ref = f"Which is larger, {a} or {b}?", str(max(a, b))
-        elif kind == 3:
+        else:
             a = rng.randint(0, max_value - 2)
             b = min(max_value, a + rng.randint(1, 4))
             prompt, ref = f"Count from {a} to {b}.", " ".join(str(v) for v in range(a, b + 1))
-        else:
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            prompt, ref = f"Add {a} and {b}.", str(a + b)
         out.append(Record(id=f"numbers-s{seed}-{i:05d}", prompt=prompt, reference=ref, meta={"task": "numbers"}))
     return out
 
