@@ -128,3 +128,30 @@ def test_launch_settings_the_loop_cannot_honour_are_refused(monkeypatch):
                      ("train.max_bad_steps=0", "max_bad_steps")):
         with pytest.raises(VlrlcdError, match=msg):
             load_config(None, [bad])
+
+
+@pytest.mark.parametrize("objective,warmup", [("ldl_grpo", 0), ("single_pair_dpo", 2)])
+def test_logged_lr_is_the_one_the_step_ran_at_and_kl_only_where_the_objective_has_one(world, tmp_path,
+                                                                                       objective, warmup):
+    """Linear warm-up over train.warmup_steps, then cosine to 10% of train.lr: with no warm-up step 1 runs at
+    train.lr itself; a method without a KL term logs no "kl" (curves.png draws no flat zero line for it)."""
+    import math as _math
+
+    scfg, records, anchors = world
+    student = fresh(scfg)
+    student.save(tmp_path / "sft")
+    s = load_student(scfg, adapter=tmp_path / "sft", reference=tmp_path / "sft")
+    cfg = replace(CFG, objective=objective, rl_steps=4, warmup_steps=warmup, lr=0.01)
+    rows = train_rl(s, records, anchors, cfg, RankingConfig(), 3, tmp_path / "rl", seed=0, progress=False)
+    assert all(not r["skipped"] for r in rows)
+
+    def expected(i: int) -> float:   # step i + 1 runs at factor(i)
+        if i < warmup:
+            return 0.01 * (i + 1) / warmup
+        progress = (i - warmup) / max(1, 4 - warmup)
+        return 0.01 * (0.1 + 0.45 * (1 + _math.cos(_math.pi * progress)))
+
+    assert [r["lr"] for r in rows] == pytest.approx([expected(i) for i in range(4)])
+    if warmup == 0:
+        assert rows[0]["lr"] == pytest.approx(0.01)
+    assert all(("kl" in r) == (objective == "ldl_grpo") for r in rows)

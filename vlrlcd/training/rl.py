@@ -125,11 +125,11 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
                 ids = [x for p in parts for x in p[4]]
                 reason = f"non-finite loss on prompt(s) {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
             means = {k: v / counts[k] for k, v in sums.items()}
-            kl = means.get("kl_ref", means.get("kl", 0.0))
+            kl = means.get("kl_ref", means.get("kl"))   # None: the objective has no KL term (not drawn, not 0)
             calls_total = _merge([calls_total] + [p[5] for p in parts])
             if cfg.objective in STEP_END:  # e.g. self_ppo's baseline, from metrics every process agrees on
                 STEP_END[cfg.objective](ctx, cfg, means)
-            session.log(step + 1, {**means, "kl": kl, "grad_norm": norm, "teacher_calls": teacher_calls,
+            session.log(step + 1, {**means, **({} if kl is None else {"kl": kl}), "grad_norm": norm, "teacher_calls": teacher_calls,
                                    **calls_total, "prompts_without_anchor": skipped},
                               ok, reason, tokens, step_seconds=time.time() - ts, count_bad=done.counts_bad)
             if dist.is_main:

@@ -125,6 +125,14 @@ class Session:
         self.dist.barrier()
 
     # ------------------------------------------------------------------ per step
+    def lr_used(self, stepped: bool) -> float:
+        """The learning rate the step just logged ran at (get_last_lr() is already the next step's: the
+        schedule advanced after a taken step, and a skipped step leaves it where it was)."""
+        lambdas = getattr(self.sched, "lr_lambdas", None)
+        if not lambdas:
+            return self.sched.get_last_lr()[0]
+        return self.sched.base_lrs[0] * lambdas[0](max(0, self.sched.last_epoch - (1 if stepped else 0)))
+
     def log(self, step: int, metrics: dict[str, Any], ok: bool, reason: str | None = None,
             tokens: float = 0.0, step_seconds: float | None = None, count_bad: bool = True) -> dict:
         """Record step `step` (1-based): one metrics row (JSONL, TensorBoard, bar); counts bad steps in a row
@@ -136,7 +144,7 @@ class Session:
         elif count_bad:
             self.bad += 1
         row = {"stage": self.stage, "step": step, **metrics, "skipped": not ok,
-               "lr": self.sched.get_last_lr()[0], "tokens_per_s": tokens / max(dt, 1e-9),
+               "lr": self.lr_used(ok), "tokens_per_s": tokens / max(dt, 1e-9),
                "seconds_per_step": round(dt, 4), "seconds": round(seconds, 3)}
         if not ok:
             row["skip_reason"] = reason or "non-finite loss or gradient"
