@@ -251,3 +251,29 @@ def test_report_shows_the_paired_difference_against_sft(tmp_path):
     (run / "ldl_grpo" / "predictions.jsonl").unlink()
     (run / "summary.json").write_text(json.dumps({"methods": {"sft": {}, "ldl_grpo": {}}}))
     assert "no paired predictions" in render_report(run)
+
+
+def test_browser_opens_on_the_main_method_and_skips_methods_without_candidates(tmp_path):
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["methods"] = {"sft": {"accuracy": 0.5}, "sft2": {"accuracy": 0.5},
+                          "anchor_rank_dpo": {"accuracy": 0.5}, "ldl_grpo": {"accuracy": 1.0}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "config.yaml").write_text("train:\n  objective: ldl_grpo\n")
+    _jsonl(run / "sft2" / "rollouts.jsonl", [{"step": 1, "id": "t0", "prompt": "p", "anchor": "red",
+                                              "candidates": [], "margins": [], "target": []}])
+    _jsonl(run / "anchor_rank_dpo" / "rollouts.jsonl", [
+        {"step": 1, "id": "t1", "prompt": "p", "anchor": "blue", "candidates": ["blue", "red"],
+         "margins": [0.0, -1.0], "target": [0.7, 0.3]}])
+    page = render_report(run)
+    browser = page[page.index('id="rollouts"'):page.index('id="predictions"')]
+    assert browser.index('id="rollouts-ldl_grpo"') < browser.index('id="rollouts-anchor_rank_dpo"')
+    assert 'id="rollouts-sft2"' not in browser and "sft2: no candidates are sampled" in browser
+    assert "no candidates logged for this prompt" not in browser
+    first_open = browser.index('<details class="prompt" open>')
+    assert browser.index('id="rollouts-ldl_grpo"') < first_open < browser.index('id="rollouts-anchor_rank_dpo"')
+    assert browser.count('<details class="prompt" open>') == 1
+    # without a config, LDL-GRPO is still the one shown first
+    (run / "config.yaml").unlink()
+    page = render_report(run)
+    assert page.index('id="rollouts-ldl_grpo"') < page.index('id="rollouts-anchor_rank_dpo"')

@@ -16,6 +16,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.evaluation.metrics import normalize_answer
 from vlrlcd.evaluation.plots import write_curves
@@ -286,6 +288,24 @@ def _rollout_card(run_dir: Path, row: dict, logged: int, pred: dict | None, reco
     return f'<details class="prompt"{" open" if is_open else ""}>{head}{"".join(body)}</details>'
 
 
+MAIN_METHOD = "ldl_grpo"   # the toolkit's method (DESIGN.md), shown first when the run's objective is not known
+
+
+def main_method(run_dir: Path, candidates: list[str]) -> str | None:
+    """The method a reader came for among `candidates`: the run's `train.objective` (RUN/config.yaml), else
+    LDL-GRPO, else the first one."""
+    objective = None
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        objective = ((cfg or {}).get("train") or {}).get("objective")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    for m in (objective, MAIN_METHOD):
+        if m in candidates:
+            return m
+    return candidates[0] if candidates else None
+
+
 def _rollouts_section(run_dir: Path, methods: list[str], records: dict, images: _Images,
                       max_prompts: int) -> str:
     out = ['<section id="rollouts"><h2>Per-prompt browser (RL rollouts)</h2><p class="meta">'
@@ -294,9 +314,15 @@ def _rollouts_section(run_dir: Path, methods: list[str], records: dict, images: 
            "D_x(k) ∝ sigmoid(γ·r_k)·exp(r_k/τ): the target distribution over the K candidates; "
            "the highlighted row has the largest D_x.</p>"]
     any_rollouts = False
-    for m in methods:
-        rr = read_rows(run_dir / m / "rollouts.jsonl")
-        if not rr.rows:
+    logged = {m: read_rows(run_dir / m / "rollouts.jsonl") for m in methods}
+    no_candidates = [m for m, rr in logged.items() if rr.rows and not any(r.get("candidates") for r in rr.rows)]
+    main = main_method(run_dir, [m for m, rr in logged.items() if rr.rows and m not in no_candidates])
+    if no_candidates:
+        out.append(note(f"{', '.join(no_candidates)}: no candidates are sampled (the objective trains on the "
+                        "anchor alone), so there is nothing to browse."))
+    for m in sorted(methods, key=lambda m: m != main):   # the main method first, its first prompt open
+        rr = logged[m]
+        if not rr.rows or m in no_candidates:
             continue
         any_rollouts = True
         latest: dict[str, dict] = {}
@@ -314,7 +340,8 @@ def _rollouts_section(run_dir: Path, methods: list[str], records: dict, images: 
         if len(ids) > max_prompts:
             out.append(note(f"showing the first {max_prompts} of {len(ids)} prompts"))
         for i, rid in enumerate(ids[:max_prompts]):
-            out.append(_rollout_card(run_dir, latest[rid], counts[rid], preds.get(rid), records, images, i == 0))
+            out.append(_rollout_card(run_dir, latest[rid], counts[rid], preds.get(rid), records, images,
+                                     i == 0 and m == main))
     if not any_rollouts:
         out.append(note("No rollouts.jsonl in any method folder yet: the RL stage has not logged rollouts "
                         "(SFT-only methods log none)."))
