@@ -7,7 +7,7 @@ import pytest
 
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
-from vlrlcd.evaluation.chance import best_constant, chance_level, constant_answers
+from vlrlcd.evaluation.chance import anchor_score, best_constant, chance_level, constant_answers
 
 
 def _qa(ref: str, qtype: str | None = None) -> Record:
@@ -63,3 +63,13 @@ def test_errors_are_actionable():
         chance_level([_qa("a")], [])
     with pytest.raises(VlrlcdError, match="reference"):
         chance_level([Record(id="x", prompt="q")], [_qa("a")])
+
+
+def test_anchor_score_is_the_anchors_mean_score_against_the_training_references():
+    train = [Record(id=f"t{i}", prompt="q?", reference=ref) for i, ref in enumerate(("red", "blue", "green"))]
+    train.append(Record(id="t3", prompt="q"))
+    anchors = {"t0": "red", "t1": "I think it is blue.", "t2": "blue", "t3": "x"}
+    # t0 right, t1 a sentence (exact match: wrong), t2 wrong, t3 has no reference; "t9" not anchored
+    assert anchor_score(train, anchors) == pytest.approx(1 / 3)
+    assert anchor_score(train, {"t1": "blue"}) == 1.0
+    assert anchor_score(train, {}) is None

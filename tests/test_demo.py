@@ -61,6 +61,10 @@ def test_quick_vqa_demo_learns_moves_and_a_rerun_costs_no_teacher_calls(tmp_path
     # the table, the chance level beside it and the report
     assert "ldl_grpo" in stdout and "teacher calls this run" in stdout
     assert "chance level (vqa" in stdout and f"{summary['chance']:.3f}" in stdout
+    # the anchors' own training-prompt score (about 80% of them right by construction) beside SFT's
+    assert 0.6 < summary["anchor_train_score"] < 1.0
+    assert f"teacher anchors on the training prompts (the most stage II can get from agreeing with them): " \
+           f"{summary['anchor_train_score']:.3f}; SFT's greedy answers there: " in stdout
     assert (out / "report.html").exists() and "report:" in stdout
     rows = _rows(out / "ldl_grpo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

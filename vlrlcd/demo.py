@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vlrlcd.config import Config, apply_overrides, from_dict
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.evaluation.chance import anchor_score
 from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, write_summary
 
 # Each task's embedded recipe (vlrlcd/configs/).
@@ -57,6 +58,10 @@ def demo_config(out: str | Path, seed: int = 0, quick: bool = False, overrides: 
     return from_dict(Config, apply_overrides(raw, extra))
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
 def chance(prep) -> float | None:
     """The held-out chance level of the run's task (see evaluation/chance.py); None without a held-out split."""
     from vlrlcd.evaluation.chance import chance_level
@@ -78,6 +83,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
         "task": task,
         "methods": methods,
         "chance": chance(prep),
+        "anchor_train_score": _round(anchor_score(prep.train, prep.anchors, prep.cfg.eval.metric)),
         "teacher_calls": prep.teacher_calls,
         "anchors_stored": prep.anchors_stored,
         "train_prompts": len(prep.train),
@@ -92,6 +98,11 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
     print(f"chance level ({task}: the best input-blind constant answer per question type, chosen on the "
           f"training split): {summary['chance']:.3f}" if summary["chance"] is not None else "chance level: -",
           flush=True)
+    if summary["anchor_train_score"] is not None:
+        train_key = next((k for k in sft_metrics if k.startswith("train_") and isinstance(sft_metrics[k], float)), None)
+        beside = f"; SFT's greedy answers there: {sft_metrics[train_key]:.3f}" if train_key else ""
+        print(f"teacher anchors on the training prompts (the most stage II can get from agreeing with them): "
+              f"{summary['anchor_train_score']:.3f}{beside}", flush=True)
     try:
         from vlrlcd.evaluation.report import write_report
 

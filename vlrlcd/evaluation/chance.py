@@ -1,4 +1,5 @@
-"""Chance level of a task: what an input-blind student scores.
+"""Reference points for a task's scores: the chance level (what an input-blind student scores) and the
+anchors' own score on the training prompts (`anchor_score`).
 
 The student may see the question type (it is in the prompt: "What color ...", "What is a + b?") but
 not the image or the operands, so for each question type (`meta["qtype"]`; one group when absent) it
@@ -68,3 +69,12 @@ def chance_level(train: Sequence[Record], held_out: Sequence[Record], metric: st
     answers = constant_answers(train, metric)
     scores = [score_record(r, answers.get(question_type(r), answers[None]), metric) for r in held_out]
     return sum(scores) / len(scores)
+
+
+def anchor_score(train: Sequence[Record], anchors: dict[str, str], metric: str = "auto") -> float | None:
+    """Mean score of the teacher's anchors against the training references: the ceiling of any stage II whose
+    only signal is agreement with the anchor, to set beside the student's greedy score on the same prompts.
+    A diagnostic read after training (like the per-step ranking diagnostics), never a training signal;
+    None when no anchored training record has a reference."""
+    scores = [score_record(r, anchors[r.id], metric) for r in train if r.id in anchors and r.reference is not None]
+    return sum(scores) / len(scores) if scores else None
