@@ -184,7 +184,7 @@ def test_each_bad_record_stops_a_raise_run_naming_it(tmp_path, images):
     for case, line, field, reason in _bad_cases(images):
         path = _write(tmp_path / f"{case}.jsonl", [good_line, line])
         with pytest.raises(VlrlcdError) as e:
-            load_splits(_cfg(tmp_path, path))
+            load_splits(_cfg(tmp_path, path, f"data.image_root={images['ok.png'].parent}"))
         msg = str(e.value)
         assert f"{path}:2: record '{case}', field '{field}'" in msg, msg
         assert reason in msg, msg
@@ -239,7 +239,7 @@ def test_text_file_with_bad_bytes_names_the_line(tmp_path):
 def test_check_data_lists_every_problem(tmp_path, images):
     cases = _bad_cases(images)
     path = _write(tmp_path / "mixed.jsonl", [json.dumps(GOOD).encode()] + [c[1] for c in cases])
-    summary = check_data(_cfg(tmp_path, path))
+    summary = check_data(_cfg(tmp_path, path, f"data.image_root={images['ok.png'].parent}"))
     assert not summary.ok and len(summary.problems) == len(cases)
     text = summary.format(max_listed=100)
     assert "detected format 'jsonl'" in text
