@@ -425,6 +425,8 @@ def detect_format(table: Table, columns: dict[str, str] | None = None) -> tuple[
         return "text", "a plain text file: one prompt per line"
     if isinstance(table.doc, dict) and "images" in table.doc and "annotations" in table.doc:
         return "coco_captions", "a JSON object with 'images' and 'annotations'"
+    if not table.rows:
+        raise VlrlcdError(f"{table.source}: holds no records; a data file needs at least one")
     first = next((r.data for r in table.rows if r.data), None)
     if first is None:
         raise VlrlcdError(f"{table.source}: no readable records to detect the format from; set data.format")
@@ -460,6 +462,8 @@ def to_entries(table: Table, fmt: str, ctx: Context) -> list[Entry]:
         if not isinstance(table.doc, dict):
             raise VlrlcdError(f"{table.source}: data.format=coco_captions needs a JSON object with images and annotations")
         return [_contained(e, ctx) for e in coco_entries(table, ctx)]
+    if not table.rows:   # an empty source: no records (load and `data check` say what that means)
+        return []
     mapper = make_hf_mapper(table, ctx) if fmt == "hf" else MAPPERS[fmt]
     out = []
     for row in table.rows:
