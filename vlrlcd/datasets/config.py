@@ -21,7 +21,7 @@ class DataConfig:
     eval_path: str | None = None      # file task: unset means no held-out split
     format: str = "auto"              # jsonl | hf | aokvqa | coco_captions | llava | text | auto
     image_root: str | None = None     # where COCO / A-OKVQA image ids and relative image paths resolve
-    allow_outside_images: bool = False  # false: an image must resolve (symlinks followed) inside the data file's folder or image_root
+    allow_outside_images: bool = False  # true: images may resolve outside the data file's folder and image_root
     train_size: int = 256             # synthetic: number of training prompts
     eval_size: int = 64               # synthetic: number of held-out prompts
     seed: int = 0                     # synthetic: generator seed
@@ -42,7 +42,7 @@ class DataConfig:
     caption_prompt: str = "Describe the image."  # coco_captions: the prompt for every image
 
     RANGES: ClassVar[dict[str, str]] = {   # vlrlcd/ranges.py
-        "train_size": "[1, inf)", "eval_size": "[0, inf)", "seed": "[0, 4294967295]",
+        "train_size": "[1, inf)", "eval_size": "[0, inf)", "seed": "[0, 2147483647]",
         "max_image_pixels": "[1, inf)", "min_image_side": "[1, inf)",
         "image_size": "[16, inf) so shapes stay visible", "max_objects": "[1, 4]", "max_operand": "[1, inf)",
     }
