@@ -184,7 +184,7 @@ def test_each_bad_record_stops_a_raise_run_naming_it(tmp_path, images):
     for case, line, field, reason in _bad_cases(images):
         path = _write(tmp_path / f"{case}.jsonl", [good_line, line])
         with pytest.raises(VlrlcdError) as e:
-            load_splits(_cfg(tmp_path, path))
+            load_splits(_cfg(tmp_path, path, f"data.image_root={images['ok.png'].parent}"))
         msg = str(e.value)
         assert f"{path}:2: record '{case}', field '{field}'" in msg, msg
         assert reason in msg, msg
@@ -239,7 +239,7 @@ def test_text_file_with_bad_bytes_names_the_line(tmp_path):
 def test_check_data_lists_every_problem(tmp_path, images):
     cases = _bad_cases(images)
     path = _write(tmp_path / "mixed.jsonl", [json.dumps(GOOD).encode()] + [c[1] for c in cases])
-    summary = check_data(_cfg(tmp_path, path))
+    summary = check_data(_cfg(tmp_path, path, f"data.image_root={images['ok.png'].parent}"))
     assert not summary.ok and len(summary.problems) == len(cases)
     text = summary.format(max_listed=100)
     assert "detected format 'jsonl'" in text
@@ -249,6 +249,63 @@ def test_check_data_lists_every_problem(tmp_path, images):
     assert "a run would stop at the first one" in text
     assert "... and" in summary.format(max_listed=3)
     assert not (tmp_path / "run" / "data" / "skipped.jsonl").exists()
+
+
+@pytest.mark.parametrize("content,fmt", [(b"", "jsonl"), (b"\n  \n", "jsonl"), (b"", "auto"), (b"\n", "text"),
+                                         (b"[]", "hf")])
+def test_check_data_on_an_empty_training_file_is_a_problem(tmp_path, content, fmt):
+    """Issue 15 item 10: an empty training file is never "OK" (it was, with data.format set or a .txt file)."""
+    name = "prompts.txt" if fmt == "text" else "data.json" if content == b"[]" else "train.jsonl"
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = _cfg(tmp_path, path, f"data.format={fmt}")
+    if fmt == "auto":    # detection has nothing to look at: the same one-line error as a run
+        with pytest.raises(VlrlcdError, match=f"{path}: holds no records"):
+            check_data(cfg)
+        return
+    summary = check_data(cfg)
+    text = str(summary)
+    assert not summary.ok and "OK" not in text, text
+    assert text.endswith(f"result: not usable: the training split {path} holds no records; a run needs at least one")
+
+
+def test_check_data_when_no_training_record_is_valid(tmp_path):
+    path = _write(tmp_path / "t.jsonl", [b'{"id": "a", "prompt": ""}', b'{"id": "b", "prompt": " "}'])
+    summary = check_data(_cfg(tmp_path, path, "data.on_error=skip"))
+    assert not summary.ok and len(summary.problems) == 2
+    assert str(summary).endswith(f"result: not usable: none of the 2 training records in {path} is valid; a run would stop")
+
+
+def test_cli_data_check_exits_non_zero_on_an_empty_training_file(tmp_path, capsys):
+    from vlrlcd.cli import main
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{task: file, train_path: {path}, format: jsonl}}\n")
+    assert main(["data", "check", str(cfg)]) == 1
+    assert "result: not usable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("line,expected", [
+    (b'{"id": "x", "prompt": "unterminated', "not valid JSON (Unterminated string starting at column 23)"),
+    (b'{"id": "x", "prompt": "a\tb"}', "not valid JSON (Invalid control character at column 25)"),
+    (b'{"id": "x", "prompt": }', "not valid JSON (Expecting value at column 23)"),
+])
+def test_json_errors_say_at_column_once(tmp_path, line, expected):
+    path = _write(tmp_path / "t.jsonl", [json.dumps(GOOD).encode(), line])
+    summary = check_data(_cfg(tmp_path, path))
+    assert [p.reason for p in summary.problems] == [expected]
+    doc = tmp_path / "t.json"
+    doc.write_bytes(b"[" + line)
+    with pytest.raises(VlrlcdError) as e:
+        load_splits(_cfg(tmp_path, doc))
+    assert "at at" not in str(e.value) and " at column " in str(e.value)
+    from vlrlcd.datasets.records import read_jsonl
+
+    with pytest.raises(VlrlcdError, match=r"t.jsonl:2: not valid JSON \(\w[\w ]* at column \d+\)$") as e:
+        read_jsonl(path)
+    assert "at at" not in str(e.value)
 
 
 def test_check_data_on_synthetic_data(tmp_path):

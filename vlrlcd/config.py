@@ -2,6 +2,8 @@
 
 Each section's dataclass lives beside the code it configures; this module composes them and does the
 generic work: nested dict -> dataclasses with type checks, unknown keys named with the closest valid one.
+Every numeric key has a declared range (`RANGES` in its dataclass, checked by `validate()`: vlrlcd/ranges.py).
+A section written as `null` (e.g. `train:` with every key commented out) means its defaults.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -20,6 +22,7 @@ from vlrlcd.adapters.config import StudentConfig
 from vlrlcd.datasets.config import DataConfig
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.evaluation.config import EvalConfig
+from vlrlcd.ranges import check_ranges
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.teacher.config import TeacherConfig
 from vlrlcd.training.config import TrainConfig
@@ -35,6 +38,11 @@ class Config:
     ranking: RankingConfig = field(default_factory=RankingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 2147483647]"}
+
+    def validate(self) -> None:
+        check_ranges(self, "")
 
 
 def _unknown_key(name: str, valid: list[str], where: str) -> VlrlcdError:
@@ -64,6 +72,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # an empty section in YAML
+            value = {}
         if not isinstance(value, dict):
             raise VlrlcdError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
@@ -139,7 +149,11 @@ def _set_dotted(d: dict, cls: type, dotted: str, raw: str) -> None:
         ftype = typing.get_type_hints(node_cls)[p]
         if not dataclasses.is_dataclass(ftype):
             raise VlrlcdError(f"config key '{where}{p}' is not a section; cannot set '{dotted}'")
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or `section: null` in the YAML
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise VlrlcdError(f"config key '{where}{p}' is a section; expected a mapping, got {node[p]!r}")
+        node = node[p]
         node_cls, where = ftype, f"{where}{p}."
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.ranges import check_ranges
+
+TINY_VISION_HEADS = 4   # the tiny students' vision towers (adapters/tiny.py) have 4 attention heads
 
 
 @dataclass
@@ -15,6 +19,8 @@ class LoraConfig:
     target_modules: list[str] | None = None   # None: the family's default (the language model's linear layers)
     train_projector: bool = False             # also train the vision -> language projector
     modules_to_save: list[str] | None = None  # extra modules trained in full and saved with the adapter (e.g. lm_head)
+
+    RANGES: ClassVar[dict[str, str]] = {"r": "[1, inf)", "alpha": "[1, inf)", "dropout": "[0, 1)"}
 
 
 @dataclass
@@ -34,6 +40,24 @@ class TinyConfig:
     pretrain_epochs: float = 2.0
     pretrain_lr: float = 0.003
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "vocab_size": "[1, inf)", "hidden_size": "[1, inf)", "num_layers": "[1, inf)", "num_heads": "[1, inf)",
+        "intermediate_size": "[1, inf)", "vision_hidden_size": "[1, inf)", "vision_layers": "[1, inf)",
+        "image_size": "[1, inf)", "patch_size": "[1, inf)", "pretrain_examples": "[0, inf) 0: no pretraining",
+        "pretrain_epochs": "(0, inf)", "pretrain_lr": "(0, inf)",
+    }
+
+    def validate(self, prefix: str = "student.tiny.") -> None:
+        check_ranges(self, prefix)
+        if self.hidden_size % self.num_heads:
+            raise VlrlcdError(f"{prefix}hidden_size ({self.hidden_size}) must be a multiple of {prefix}num_heads "
+                              f"({self.num_heads})")
+        if self.vision_hidden_size % TINY_VISION_HEADS:
+            raise VlrlcdError(f"{prefix}vision_hidden_size must be a multiple of {TINY_VISION_HEADS} (the tiny vision "
+                              f"tower's heads), got {self.vision_hidden_size}")
+        if self.patch_size > self.image_size:
+            raise VlrlcdError(f"{prefix}patch_size ({self.patch_size}) must be <= {prefix}image_size ({self.image_size})")
+
 
 @dataclass
 class StudentConfig:
@@ -45,7 +69,12 @@ class StudentConfig:
     tiny: TinyConfig = field(default_factory=TinyConfig)
     max_new_tokens: int = 12
 
+    RANGES: ClassVar[dict[str, str]] = {"max_new_tokens": "[1, inf)"}
+
     def validate(self) -> None:
+        check_ranges(self, "student.")
+        check_ranges(self.lora, "student.lora.")
+        self.tiny.validate("student.tiny.")
         if self.quantization not in ("none", "8bit", "4bit"):
             raise VlrlcdError(f"student.quantization must be none, 8bit or 4bit, got '{self.quantization}'")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.ranges import check_ranges
 
 SYNTHETIC_TASKS = ("shapes_vqa", "shapes_caption", "arithmetic")
 FORMATS = ("auto", "jsonl", "hf", "aokvqa", "coco_captions", "llava", "text")
@@ -19,6 +21,7 @@ class DataConfig:
     eval_path: str | None = None      # file task: unset means no held-out split
     format: str = "auto"              # jsonl | hf | aokvqa | coco_captions | llava | text | auto
     image_root: str | None = None     # where COCO / A-OKVQA image ids and relative image paths resolve
+    allow_outside_images: bool = False  # true: images may resolve outside the data file's folder and image_root
     train_size: int = 256             # synthetic: number of training prompts
     eval_size: int = 64               # synthetic: number of held-out prompts
     seed: int = 0                     # synthetic: generator seed
@@ -38,33 +41,30 @@ class DataConfig:
     aokvqa_task: str = "mc"           # mc (reference = correct choice) | rationale (reference = first rationale + answer)
     caption_prompt: str = "Describe the image."  # coco_captions: the prompt for every image
 
+    RANGES: ClassVar[dict[str, str]] = {   # vlrlcd/ranges.py
+        "train_size": "[1, inf)", "eval_size": "[0, inf)", "seed": "[0, 2147483647]",
+        "max_image_pixels": "[1, inf)", "min_image_side": "[1, inf)",
+        "image_size": "[16, inf) so shapes stay visible", "max_objects": "[1, 4]", "max_operand": "[1, inf)",
+    }
+
     def validate(self) -> None:
+        check_ranges(self, "data.")
         if self.task not in SYNTHETIC_TASKS + ("file",):
             raise VlrlcdError(
                 f"data.task '{self.task}' is not one of {', '.join(SYNTHETIC_TASKS + ('file',))}"
             )
         if self.on_error not in ("raise", "skip"):
             raise VlrlcdError(f"data.on_error must be 'raise' or 'skip', got '{self.on_error}'")
-        if self.train_size < 1 or self.eval_size < 0:
-            raise VlrlcdError("data.train_size must be >= 1 and data.eval_size >= 0")
         if self.format not in FORMATS:
             raise VlrlcdError(f"data.format '{self.format}' is not one of {', '.join(FORMATS)}")
         if self.aokvqa_task not in ("mc", "rationale"):
             raise VlrlcdError(f"data.aokvqa_task must be 'mc' or 'rationale', got '{self.aokvqa_task}'")
-        if self.max_image_pixels < 1 or self.min_image_side < 1:
-            raise VlrlcdError("data.max_image_pixels and data.min_image_side must be >= 1")
-        if self.image_size < 16:
-            raise VlrlcdError(f"data.image_size must be >= 16 so shapes stay visible, got {self.image_size}")
-        if not 1 <= self.max_objects <= 4:
-            raise VlrlcdError(f"data.max_objects must be between 1 and 4, got {self.max_objects}")
         bad = [q for q in self.qtypes if q not in QTYPES]
         if bad or not self.qtypes:
             raise VlrlcdError(f"data.qtypes must be a non-empty list of {', '.join(QTYPES)}, got {self.qtypes}")
         bad = [o for o in self.ops if o not in ("+", "-", "*")]
         if bad or not self.ops:
             raise VlrlcdError(f"data.ops must be a non-empty list of +, -, *, got {self.ops}")
-        if self.max_operand < 1:
-            raise VlrlcdError(f"data.max_operand must be >= 1, got {self.max_operand}")
         for k in self.columns:
             if k not in RECORD_FIELDS:
                 raise VlrlcdError(

@@ -65,6 +65,24 @@ class Context:
         )
         return roots
 
+    def outside(self, image: str) -> str | None:
+        """Why `image` may not be read: it resolves (symlinks followed) outside the data file's folder,
+        data.image_root and the folder embedded images are extracted to; None when inside, or when
+        data.allow_outside_images is set."""
+        if self.cfg.allow_outside_images:
+            return None
+        try:
+            real = Path(image).expanduser().resolve()
+        except (OSError, ValueError, RuntimeError) as e:   # a NUL byte, a symlink loop
+            return f"{image!r:.80} is not a usable path ({e})"
+        allowed = [self.base, self.extract_dir] + ([self.image_root] if self.image_root is not None else [])
+        if any(real.is_relative_to(folder.resolve()) for folder in allowed):
+            return None
+        where = f"the data folder {self.base}" + (f" and data.image_root {self.image_root}" if self.image_root else "")
+        to = f" (it resolves to {real})" if str(real) != image else ""
+        return (f"{image} is outside {where}{to}; move the image there, set data.image_root to a folder "
+                "that holds it, or set data.allow_outside_images=true")
+
 
 class RowError(Exception):
     """One row cannot become a record: names the field and the reason."""
@@ -407,6 +425,8 @@ def detect_format(table: Table, columns: dict[str, str] | None = None) -> tuple[
         return "text", "a plain text file: one prompt per line"
     if isinstance(table.doc, dict) and "images" in table.doc and "annotations" in table.doc:
         return "coco_captions", "a JSON object with 'images' and 'annotations'"
+    if not table.rows:
+        raise VlrlcdError(f"{table.source}: holds no records; a data file needs at least one")
     first = next((r.data for r in table.rows if r.data), None)
     if first is None:
         raise VlrlcdError(f"{table.source}: no readable records to detect the format from; set data.format")
@@ -426,12 +446,24 @@ def detect_format(table: Table, columns: dict[str, str] | None = None) -> tuple[
     )
 
 
+def _contained(e: Entry, ctx: Context) -> Entry:
+    """The entry, or a problem when its record's image lies outside the folders it may be read from."""
+    r = e.record
+    reason = ctx.outside(r.image) if r is not None and isinstance(r.image, str) else None
+    if reason is None:
+        return e
+    return Entry(e.where, problem=Problem(e.where, reason, r.id if isinstance(r.id, str) else None, "image"))
+
+
 def to_entries(table: Table, fmt: str, ctx: Context) -> list[Entry]:
-    """Map every row; a row that cannot be mapped becomes an Entry with a Problem naming it."""
+    """Map every row; a row that cannot be mapped, or whose image is outside the allowed folders
+    (`Context.outside`), becomes an Entry with a Problem naming it."""
     if fmt == "coco_captions":
         if not isinstance(table.doc, dict):
             raise VlrlcdError(f"{table.source}: data.format=coco_captions needs a JSON object with images and annotations")
-        return coco_entries(table, ctx)
+        return [_contained(e, ctx) for e in coco_entries(table, ctx)]
+    if not table.rows:   # an empty source: no records (load and `data check` say what that means)
+        return []
     mapper = make_hf_mapper(table, ctx) if fmt == "hf" else MAPPERS[fmt]
     out = []
     for row in table.rows:
@@ -439,7 +471,7 @@ def to_entries(table: Table, fmt: str, ctx: Context) -> list[Entry]:
             out.append(Entry(row.where, problem=Problem(row.where, row.error)))
             continue
         try:
-            out.append(Entry(row.where, record=mapper(row, ctx)))
+            out.append(_contained(Entry(row.where, record=mapper(row, ctx)), ctx))
         except RowError as e:
             rid = e.id if isinstance(e.id, (str, int)) else None
             out.append(Entry(row.where, problem=Problem(row.where, e.reason, None if rid is None else str(rid), e.field)))

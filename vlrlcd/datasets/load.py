@@ -106,9 +106,16 @@ def _cached(folder: Path, manifest: dict) -> tuple[list[Record], list[Record]] |
         train, held = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "eval.jsonl")
     except (OSError, ValueError, VlrlcdError):
         return None
-    if any(r.image is not None and not Path(r.image).is_file() for r in train + held):
+    if any(r.image is not None and not _own_image(r.image, folder) for r in train + held):
         return None
     return train, held
+
+
+def _own_image(image: str, folder: Path) -> bool:
+    """A synthetic record's image is a file the generator wrote under the data folder (not one an edited
+    train.jsonl points at elsewhere)."""
+    p = Path(image)
+    return p.is_file() and p.resolve().is_relative_to(folder.resolve())
 
 
 def _generate_all(cfg, folder: Path, manifest: dict) -> None:

@@ -53,6 +53,13 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
     return path
 
 
+def json_error(e: json.JSONDecodeError) -> str:
+    """'Expecting value at column 5', 'Unterminated string starting at column 3' (json's own message ends
+    in 'at' for some errors: the column is appended once)."""
+    msg = e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg
+    return f"{msg} at column {e.colno}"
+
+
 def iter_json_lines(path: str | Path, what: str = "") -> Iterator[tuple[int, object]]:
     """(line number, parsed value) for each non-blank line; a missing file or bad JSON names file and line."""
     path = Path(path)
@@ -65,7 +72,7 @@ def iter_json_lines(path: str | Path, what: str = "") -> Iterator[tuple[int, obj
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise VlrlcdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise VlrlcdError(f"{path}:{lineno}: not valid JSON ({json_error(e)})") from None
 
 
 def read_jsonl(path: str | Path) -> list[Record]:

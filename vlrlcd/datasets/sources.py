@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlrlcd.datasets.records import json_error
 from vlrlcd.errors import VlrlcdError
 
 HF_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -70,7 +71,7 @@ def read_jsonl_rows(path: Path) -> Table:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            rows.append(Row(where, i, error=f"not valid JSON ({e.msg} at column {e.colno})"))
+            rows.append(Row(where, i, error=f"not valid JSON ({json_error(e)})"))
             continue
         if not isinstance(d, dict):
             rows.append(Row(where, i, error=f"expected a JSON object, got {type(d).__name__}"))
@@ -87,7 +88,7 @@ def read_json_doc(path: Path) -> Table:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON lines in a .json file (as Hugging Face writes them)
             return read_jsonl_rows(path)
-        raise VlrlcdError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise VlrlcdError(f"{path}:{e.lineno}: not valid JSON ({json_error(e)})") from None
     if isinstance(doc, dict):
         if "annotations" in doc and "images" in doc:
             return Table(str(path), "json", doc=doc)

@@ -20,6 +20,14 @@ class SplitCheck:
     with_reference: int
     problems: list[Problem] = field(default_factory=list)
 
+    def unusable(self) -> str | None:
+        """Why a run could not use this split at all (a training split without one valid record), else None."""
+        if self.split != "train" or self.valid:
+            return None
+        if not self.records:
+            return f"the training split {self.source} holds no records; a run needs at least one"
+        return f"none of the {self.records} training records in {self.source} is valid; a run would stop"
+
 
 @dataclass
 class DataCheckSummary:
@@ -33,8 +41,12 @@ class DataCheckSummary:
         return [p for s in self.splits for p in s.problems]
 
     @property
+    def unusable(self) -> list[str]:
+        return [u for s in self.splits if (u := s.unusable()) is not None]
+
+    @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.unusable
 
     def format(self, max_listed: int = 20) -> str:
         lines = [f"data check: task {self.task}, on_error={self.on_error}"]
@@ -50,6 +62,9 @@ class DataCheckSummary:
             lines += [f"  {p.message()}" for p in probs[:max_listed]]
             if len(probs) > max_listed:
                 lines.append(f"  ... and {len(probs) - max_listed} more")
+        if self.unusable:
+            lines.append(f"result: not usable: {'; '.join(self.unusable)}")
+        elif probs:
             what = ("a run would stop at the first one; fix them or set data.on_error=skip"
                     if self.on_error == "raise" else "a run would skip them and list them in skipped.jsonl")
             lines.append(f"result: {len(probs)} bad records; {what}")

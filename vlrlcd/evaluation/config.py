@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.ranges import check_ranges
 
 
 @dataclass
@@ -14,14 +16,14 @@ class EvalConfig:
     batch_size: int = 16          # held-out prompts per batched greedy decode (1: one at a time)
     train_prompts: int = 128      # also score greedy answers on the first N training prompts (0: off; one process only)
 
+    RANGES: ClassVar[dict[str, str]] = {   # vlrlcd/ranges.py
+        "max_new_tokens": "[1, inf)", "batch_size": "[1, inf) 1: one prompt at a time",
+        "train_prompts": "[0, inf) 0: off",
+    }
+
     def validate(self) -> None:
         from vlrlcd.evaluation.metrics import METRICS
 
+        check_ranges(self, "eval.")
         if self.metric not in METRICS:
             raise VlrlcdError(f"eval.metric '{self.metric}' is not one of {', '.join(METRICS)}")
-        if self.max_new_tokens < 1:
-            raise VlrlcdError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.train_prompts < 0:
-            raise VlrlcdError(f"eval.train_prompts must be >= 0 (0: off), got {self.train_prompts}")
-        if self.batch_size < 1:
-            raise VlrlcdError(f"eval.batch_size must be >= 1 (1: one prompt at a time), got {self.batch_size}")

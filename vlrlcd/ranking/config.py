@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.ranges import check_ranges
 
 SCORER_NAMES = ("self_likelihood", "self_judge", "clip", "anchor_match", "composite")
 PAIR_MODES = ("best_worst", "all", "anchor")
@@ -30,22 +32,19 @@ class RankingConfig:
     # composite: g = Σ_s w_s · g_s over the named scorers, e.g. {self_likelihood: 1.0, clip: 0.5}
     composite: dict[str, float] = field(default_factory=dict)
 
+    RANGES: ClassVar[dict[str, str]] = {   # vlrlcd/ranges.py
+        "gamma": "[0, inf)", "tau": "(0, inf)", "pair_margin": "[0, inf)",
+        "clip_text_weight": "(-inf, inf)", "clip_image_weight": "(-inf, inf)",
+    }
+
     def validate(self) -> None:
+        check_ranges(self, "ranking.")
         if self.scorer not in SCORER_NAMES:
             raise VlrlcdError(f"ranking.scorer '{self.scorer}' is not one of {', '.join(SCORER_NAMES)}")
-        if self.tau <= 0:
-            raise VlrlcdError(f"ranking.tau must be > 0, got {self.tau}")
-        if self.gamma < 0:
-            raise VlrlcdError(f"ranking.gamma must be >= 0, got {self.gamma}")
         if self.score_with not in ("policy", "sft"):
             raise VlrlcdError(f"ranking.score_with must be policy or sft, got '{self.score_with}'")
         if self.pairs not in PAIR_MODES:
             raise VlrlcdError(f"ranking.pairs '{self.pairs}' is not one of {', '.join(PAIR_MODES)}")
-        if not self.pair_margin >= 0:
-            raise VlrlcdError(f"ranking.pair_margin must be >= 0, got {self.pair_margin}")
-        for k in ("clip_text_weight", "clip_image_weight"):
-            if not math.isfinite(getattr(self, k)):
-                raise VlrlcdError(f"ranking.{k} must be a finite number, got {getattr(self, k)}")
         if self.scorer == "clip" and not self.clip_pretrained:
             raise VlrlcdError(
                 "ranking.scorer=clip needs ranking.clip_pretrained: a local open_clip checkpoint file "

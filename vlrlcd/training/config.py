@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.ranges import check_ranges
 
 OBJECTIVES = ("sft", "sft2", "ldl_grpo", "single_pair_dpo", "anchor_rank_dpo", "anchor_grpo",
               "self_ppo", "judge_grpo", "tvkd_dpo", "rlsd")
@@ -59,41 +61,27 @@ class TrainConfig:
     tvkd_gamma_s: float = 0.9          # R(y) = β·[log-ratio] − (1 − γ_s)·Σ_t V_T(s_{t+1})
     tvkd_topk: int = 50                # teacher log-probs kept per position (plus one bucket for the rest)
 
+    RANGES: ClassVar[dict[str, str]] = {   # vlrlcd/ranges.py
+        "sft_epochs": "(0, inf)", "sft_lr": "(0, inf)", "sft_batch_size": "[1, inf)", "sft_copy_pairs": "[0, inf)",
+        "rl_steps": "[1, inf) train.objective=sft skips stage II", "lr": "(0, inf)", "batch_size": "[1, inf)",
+        "k": "[2, inf) a group to rank", "temperature": "(0, inf)", "beta": "[0, inf)", "dpo_beta": "(0, inf)",
+        "grad_clip": "[0, inf) 0: no clipping", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)",
+        "save_every": "[0, inf) 0: only at the end", "keep_checkpoints": "[0, inf) 0: keep all",
+        "max_bad_steps": "[1, inf)", "log_every": "[1, inf)", "grad_accum": "[1, inf)",
+        "group_chunk": "[0, inf) 0: all of a step's prompts in one pass",
+        "eps_low": "[0, 1)", "eps_high": "[0, 1)", "ppo_eps": "[0, 1)", "ppo_baseline_momentum": "[0, 1)",
+        "rlsd_lambda0": "[0, 1]", "rlsd_decay_steps": "[0, inf) or null: over train.rl_steps", "rlsd_eps_w": "[0, 1)",
+        "tvkd_alpha": "[0, inf)", "tvkd_beta_t": "(0, inf)", "tvkd_gamma_s": "[0, 1]", "tvkd_topk": "[1, inf)",
+    }
+
     def validate(self) -> None:
+        check_ranges(self, "train.")
         if self.objective not in OBJECTIVES:
             raise VlrlcdError(f"train.objective '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
-        if self.k < 2:
-            raise VlrlcdError(f"train.k must be >= 2 (a group to rank), got {self.k}")
-        if self.temperature <= 0:
-            raise VlrlcdError(f"train.temperature must be > 0, got {self.temperature}")
-        if self.group_chunk < 0:
-            raise VlrlcdError(f"train.group_chunk must be >= 0 (0: all of a step's prompts in one pass), got {self.group_chunk}")
-        if self.grad_accum < 1:
-            raise VlrlcdError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise VlrlcdError(f"train.mixed_precision must be no, bf16 or fp16, got '{self.mixed_precision}'")
-        if self.save_every < 0 or self.max_bad_steps < 1:
-            raise VlrlcdError("train.save_every must be >= 0 (0: only at the end) and train.max_bad_steps >= 1, got "
-                              f"{self.save_every} and {self.max_bad_steps}")
         if self.grpo_loss_type not in GRPO_LOSS_TYPES:
             raise VlrlcdError(f"train.grpo_loss_type '{self.grpo_loss_type}' is not one of {', '.join(GRPO_LOSS_TYPES)}")
-        for name in ("eps_low", "eps_high", "ppo_eps"):
-            if not 0 <= getattr(self, name) < 1:
-                raise VlrlcdError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.rlsd_eps_w < 1:
-            raise VlrlcdError(f"train.rlsd_eps_w must lie in [0, 1), got {self.rlsd_eps_w}")
-        if not 0 <= self.ppo_baseline_momentum < 1:
-            raise VlrlcdError(f"train.ppo_baseline_momentum must lie in [0, 1), got {self.ppo_baseline_momentum}")
-        if not 0 <= self.rlsd_lambda0 <= 1:
-            raise VlrlcdError(f"train.rlsd_lambda0 must lie in [0, 1], got {self.rlsd_lambda0}")
-        if self.rlsd_decay_steps is not None and self.rlsd_decay_steps < 0:
-            raise VlrlcdError(f"train.rlsd_decay_steps must be >= 0 (or null: over train.rl_steps), got {self.rlsd_decay_steps}")
-        if self.tvkd_beta_t <= 0:
-            raise VlrlcdError(f"train.tvkd_beta_t must be > 0, got {self.tvkd_beta_t}")
-        if not 0 <= self.tvkd_gamma_s <= 1:
-            raise VlrlcdError(f"train.tvkd_gamma_s must lie in [0, 1], got {self.tvkd_gamma_s}")
-        if self.tvkd_topk < 1:
-            raise VlrlcdError(f"train.tvkd_topk must be >= 1, got {self.tvkd_topk}")
         if self.tvkd_teacher_quantization not in ("none", "8bit", "4bit"):
             raise VlrlcdError(f"train.tvkd_teacher_quantization must be none, 8bit or 4bit, got '{self.tvkd_teacher_quantization}'")
         if self.objective == "tvkd_dpo":
