@@ -96,7 +96,7 @@ class AnchorSummary:
             out.append(f"stopped early: {self.remaining} prompts left; run again to finish them")
         if self.missing:
             why = [f"{n} failed" for n in [self.failed] if n] + \
-                  [f"{n} not asked{' (budget)' if self.budget_exhausted else ''}" for n in [self.remaining] if n]
+                  [f"{n} not asked{', budget spent' if self.budget_exhausted else ''}" for n in [self.remaining] if n]
             out.append(f"incomplete: {self.missing} of {self.prompts} prompts have no anchor ({', '.join(why)})")
         return out
 
