@@ -205,7 +205,8 @@ class AnchorStore:
         have = self.anchors_for(records, cfg)
         return [r for r in records if r.id not in have]
 
-    def put_answer(self, key: str, record: Record, cfg: TeacherConfig, answer: TeacherAnswer, attempts: int = 1) -> bool:
+    def put_answer(self, key: str, record: Record, cfg: TeacherConfig, answer: TeacherAnswer,
+                   attempts: int = 1) -> bool:
         """Store an answer (replacing a stored failure) and commit at once; False when one was stored already.
 
         `attempts` is the number of requests this answer took; the column sums them over runs."""
