@@ -8,6 +8,7 @@ Faults are queued per prompt (the user message's text) or globally, one consumed
   "hang"      no response until `hang_s` passes (or the server stops)
   "malformed" HTTP 200, application/json, body that is not JSON
   "empty"     HTTP 200, a completion whose content is ""
+  "drop"      the connection closed with no response (the client sees a connection error)
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ class FakeChatServer:
                     elif fault == "hang":
                         server._closing.wait(server.hang_s)
                         self._send(500, b'{"error": {"message": "too late"}}')
+                    elif fault == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
                     elif fault == "malformed":
                         self._send(200, b'{"id": "chatcmpl-x", "choices": [ {"message": ')
                     else:

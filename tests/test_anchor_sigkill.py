@@ -15,6 +15,7 @@ from helpers_http import FakeChatServer
 
 from vlrlcd.config import load_config
 from vlrlcd.datasets.records import Record, write_jsonl
+from vlrlcd.teacher.runner import EXIT_INCOMPLETE
 from vlrlcd.teacher.store import AnchorStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,8 +54,8 @@ def test_sigkill_mid_run_then_rerun_stores_every_prompt_once(tmp_path):
         server.delay_s = 0.0
         budgeted = runner(cfg_path, "teacher.max_calls=5", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = budgeted.communicate(timeout=60)
-        assert budgeted.returncode == 0, err
-        assert "prompts left" in out and "teacher.max_calls=5" in out
+        assert budgeted.returncode == EXIT_INCOMPLETE, err  # prompts left without an anchor: not a success
+        assert "prompts left" in out and "teacher.max_calls=5" in out and "incomplete:" in out
 
         final = runner(cfg_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = final.communicate(timeout=60)

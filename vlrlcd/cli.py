@@ -25,10 +25,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_anchors(args) -> int:
-    from vlrlcd.teacher.runner import run_anchors
+    from vlrlcd.teacher.runner import EXIT_INCOMPLETE, run_anchors
 
-    run_anchors(_config(args))
-    return 0
+    summary = run_anchors(_config(args), progress=not args.no_progress)
+    return 0 if summary.complete else EXIT_INCOMPLETE  # prompts left without an anchor: the summary says why
 
 
 def cmd_train(args) -> int:

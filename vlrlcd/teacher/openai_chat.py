@@ -1,6 +1,7 @@
 """The `openai` backend: any OpenAI-compatible chat-completions endpoint through the `openai` SDK.
 
-One request per call, no SDK retries (max_retries=0): the runner owns backoff and Retry-After.
+One request per call, no SDK retries (max_retries=0): the runner owns backoff and Retry-After (an empty
+answer is retried too, within teacher.max_retries). Images go as PNG re-encoded from the decoded pixels.
 Every failure becomes a TeacherCallError whose message never contains the API key.
 """
 
@@ -26,25 +27,21 @@ from vlrlcd.teacher.config import TeacherConfig
 
 log = logging.getLogger(__name__)
 
-_PASS_THROUGH = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
-
-
 def image_data_url(path: str) -> str:
-    """`data:<mime>;base64,<bytes>`: the file's own bytes for PNG/JPEG/GIF/WEBP, else re-encoded as PNG."""
-    from PIL import Image, UnidentifiedImageError
+    """`data:image/png;base64,...` of the decoded pixels (EXIF-oriented RGB, as the student sees them).
+
+    The image is always re-encoded: the file's own bytes never leave the machine, so nothing stored
+    after the image data (or in its metadata) reaches the teacher."""
+    from vlrlcd.datasets.images import load_image
+    from vlrlcd.errors import VlrlcdError
 
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
-            if fmt not in _PASS_THROUGH:
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")
-                data, fmt = buf.getvalue(), "PNG"
-    except (OSError, UnidentifiedImageError) as e:
-        raise TeacherCallError("bad_image", f"image {path}: cannot read ({e})") from None
-    return f"data:{_PASS_THROUGH[fmt]};base64,{base64.b64encode(data).decode('ascii')}"
+        im = load_image(path)
+    except VlrlcdError as e:
+        raise TeacherCallError("bad_image", str(e)) from None
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
 def user_content(text: str, image: str | None) -> str | list[dict]:
@@ -144,7 +141,7 @@ class OpenAITeacher:
         except (AttributeError, IndexError, KeyError, TypeError, ValueError):
             raise TeacherCallError("malformed", "response is not a chat completion", retryable=True) from None
         if not isinstance(content, str) or not content.strip():
-            raise TeacherCallError("empty", "the teacher returned empty content")
+            raise TeacherCallError("empty", "the teacher returned empty content", retryable=True)
         return TeacherAnswer(content.strip(), prompt_tokens, completion_tokens)
 
     def _messages(self, system: str, text: str, image: str | None) -> list[dict]:

@@ -3,8 +3,9 @@
 Keyed by sha256 of (backend, model, generation parameters, prompt, image bytes), so a prompt is paid
 for once, whatever its record id or run. WAL mode with synchronous=FULL: a killed process loses at
 most the answers it had not yet received. Failures are stored with their error and retried by the
-next run; a failure never overwrites an answer. Nothing secret is stored: the config's API key is
-only ever the *name* of an environment variable, and it is not part of the key either.
+next run; a failure never overwrites an answer; `attempts` counts the requests a prompt took, over runs.
+Nothing secret is stored: the config's API key is only ever the *name* of an environment variable, and
+it is not part of the key either. A damaged file is one VlrlcdError naming it and what to do.
 """
 
 from __future__ import annotations
@@ -109,16 +110,38 @@ class AnchorStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise VlrlcdError(f"anchor store {self.path}: cannot create its directory ({e.strerror or e})") from None
+        try:
             self._db = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems))
             self._db.executescript(_SCHEMA)
             self._db.commit()
-        except (OSError, sqlite3.Error) as e:
-            raise VlrlcdError(f"anchor store {self.path}: cannot open ({e}); check the run directory") from None
-        self._lock = threading.RLock()
+        except sqlite3.Error as e:
+            self._db.close()
+            raise self._error(e) from None
+
+    def _error(self, e: sqlite3.Error) -> VlrlcdError:
+        """One line naming the file and what to do: a damaged file is moved aside, anything else is checked."""
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if type(e) is sqlite3.DatabaseError or "malformed" in msg or "not a database" in msg:
+            return VlrlcdError(
+                f"anchor store {self.path} is damaged ({msg}): move it aside (mv {self.path} {self.path}.damaged) "
+                f"and run `vlrlcd anchors CONFIG` to ask the teacher again; `sqlite3 {self.path}.damaged .recover` "
+                "may save its answers first"
+            )
+        return VlrlcdError(f"anchor store {self.path}: {msg}; check the file, its directory's permissions and "
+                           "free disk space")
 
     # -- lifecycle
     def close(self) -> None:
@@ -133,15 +156,21 @@ class AnchorStore:
 
     def _write(self, sql: str, args: tuple) -> int:
         with self._lock:
-            cur = self._db.execute(sql, args)
-            self._db.commit()
+            try:
+                cur = self._db.execute(sql, args)
+                self._db.commit()
+            except sqlite3.Error as e:
+                raise self._error(e) from None
             return cur.rowcount
 
     def _query(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._lock:
-            cur = self._db.execute(sql, args)
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
+            try:
+                cur = self._db.execute(sql, args)
+                names = [d[0] for d in cur.description]
+                return [dict(zip(names, row)) for row in cur.fetchall()]
+            except sqlite3.Error as e:
+                raise self._error(e) from None
 
     # -- anchors
     def get(self, key: str) -> dict | None:
@@ -176,29 +205,60 @@ class AnchorStore:
         have = self.anchors_for(records, cfg)
         return [r for r in records if r.id not in have]
 
-    def put_answer(self, key: str, record: Record, cfg: TeacherConfig, answer: TeacherAnswer) -> None:
-        """Store an answer (replacing a stored failure) and commit at once."""
-        self._write(
+    def put_answer(self, key: str, record: Record, cfg: TeacherConfig, answer: TeacherAnswer,
+                   attempts: int = 1) -> bool:
+        """Store an answer (replacing a stored failure) and commit at once; False when one was stored already.
+
+        `attempts` is the number of requests this answer took; the column sums them over runs."""
+        return self._write(
             "INSERT INTO anchors (key, record_id, backend, model, prompt, image_sha256, status, text, attempts,"
-            " prompt_tokens, completion_tokens, updated) VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, 1, ?, ?, ?)"
+            " prompt_tokens, completion_tokens, updated) VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?, ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET status = 'ok', text = excluded.text, error_kind = NULL, error = NULL,"
-            " attempts = anchors.attempts + 1, prompt_tokens = excluded.prompt_tokens,"
+            " attempts = anchors.attempts + excluded.attempts, prompt_tokens = excluded.prompt_tokens,"
             " completion_tokens = excluded.completion_tokens, updated = excluded.updated"
             " WHERE anchors.status != 'ok'",
-            (key, record.id, cfg.backend, cfg.model, user_text(record), image_sha256(record), answer.text,
+            (key, record.id, cfg.backend, cfg.model, user_text(record), image_sha256(record), answer.text, attempts,
              answer.prompt_tokens, answer.completion_tokens, time.time()),
-        )
+        ) > 0
 
-    def put_failure(self, key: str, record: Record, cfg: TeacherConfig, kind: str, message: str) -> None:
-        """Record a failed prompt (retried by the next run); never overwrites a stored answer."""
-        self._write(
+    def put_failure(self, key: str, record: Record, cfg: TeacherConfig, kind: str, message: str,
+                    attempts: int = 1) -> bool:
+        """Record a failed prompt and its `attempts` requests (retried by the next run); never overwrites an answer."""
+        return self._write(
             "INSERT INTO anchors (key, record_id, backend, model, prompt, image_sha256, status, error_kind, error,"
-            " attempts, updated) VALUES (?, ?, ?, ?, ?, ?, 'failed', ?, ?, 1, ?)"
+            " attempts, updated) VALUES (?, ?, ?, ?, ?, ?, 'failed', ?, ?, ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET error_kind = excluded.error_kind, error = excluded.error,"
-            " attempts = anchors.attempts + 1, updated = excluded.updated WHERE anchors.status = 'failed'",
+            " attempts = anchors.attempts + excluded.attempts, updated = excluded.updated"
+            " WHERE anchors.status = 'failed'",
             (key, record.id, cfg.backend, cfg.model, user_text(record), image_sha256(record), kind, message[:2000],
-             time.time()),
-        )
+             attempts, time.time()),
+        ) > 0
+
+    def copy_answers(self, src: "AnchorStore", keys: Iterable[str]) -> int:
+        """Copy `src`'s stored answers for `keys` into this store (answers here win); returns how many were new."""
+        keys = list(dict.fromkeys(keys))
+        cols = ("key, record_id, backend, model, prompt, image_sha256, status, text, attempts, prompt_tokens,"
+                " completion_tokens, updated")
+        rows: list[tuple] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            got = src._query(f"SELECT {cols} FROM anchors WHERE status = 'ok' AND key IN ({marks})", tuple(chunk))
+            rows += [tuple(r.values()) for r in got]
+        with self._lock:
+            try:
+                before = self._db.total_changes
+                self._db.executemany(
+                    f"INSERT INTO anchors ({cols}) VALUES ({','.join('?' * 12)}) ON CONFLICT(key) DO UPDATE SET"
+                    " status = 'ok', text = excluded.text, error_kind = NULL, error = NULL,"
+                    " prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens,"
+                    " updated = excluded.updated WHERE anchors.status != 'ok'",
+                    rows,
+                )
+                self._db.commit()
+            except sqlite3.Error as e:
+                raise self._error(e) from None
+            return self._db.total_changes - before
 
     def failures(self) -> list[dict]:
         return self._query("SELECT key, record_id, error_kind, error, attempts FROM anchors WHERE status = 'failed'")
@@ -259,13 +319,16 @@ class AnchorStore:
                         " 'key' and 'anchor' (for answers matched by record id use teacher.backend=jsonl)"
                     ) from None
         with self._lock:
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT INTO anchors (key, record_id, backend, model, prompt, image_sha256, status, text, attempts,"
-                " prompt_tokens, completion_tokens, updated) VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, 0, ?, ?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET status = 'ok', text = excluded.text, error_kind = NULL,"
-                " error = NULL WHERE anchors.status != 'ok'",
-                rows,
-            )
-            self._db.commit()
+            try:
+                before = self._db.total_changes
+                self._db.executemany(
+                    "INSERT INTO anchors (key, record_id, backend, model, prompt, image_sha256, status, text, attempts,"
+                    " prompt_tokens, completion_tokens, updated) VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, 0, ?, ?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET status = 'ok', text = excluded.text, error_kind = NULL,"
+                    " error = NULL WHERE anchors.status != 'ok'",
+                    rows,
+                )
+                self._db.commit()
+            except sqlite3.Error as e:
+                raise self._error(e) from None
             return self._db.total_changes - before
