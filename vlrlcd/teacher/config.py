@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.ranges import check_ranges
 
 BACKENDS = ("oracle", "openai", "hf", "jsonl")
 
@@ -51,13 +52,20 @@ class TeacherConfig:
     paraphrase_rate: float = 0.0       # oracle: probability an anchor is paraphrased
     seed: int = 0
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "temperature": "[0, inf)", "max_tokens": "[1, inf)", "concurrency": "[1, 1024]",
+        "max_calls": "[0, inf) null: no budget", "timeout_s": "(0, inf) seconds", "max_retries": "[0, 100]",
+        "backoff_s": "[0, inf) seconds", "max_backoff_s": "[0, inf) seconds", "error_rate": "[0, 1]",
+        "paraphrase_rate": "[0, 1]", "seed": "[0, 2147483647]",
+    }
+
     def validate(self) -> None:
         if self.call_in_training:
             raise VlrlcdError("teacher.call_in_training is not supported yet: run `vlrlcd anchors CONFIG` (or "
                               "`vlrlcd train`, which fills the store first) so every prompt has its anchor")
         if self.backend not in BACKENDS:
             raise VlrlcdError(f"teacher.backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
-        self._check_ranges()
+        check_ranges(self, "teacher.")
         if self.quantization not in ("none", "8bit", "4bit"):
             raise VlrlcdError(f"teacher.quantization must be none, 8bit or 4bit, got '{self.quantization}'")
         if looks_like_a_key(self.api_key_env or "") or not _ENV_NAME.fullmatch(self.api_key_env or ""):
@@ -69,26 +77,3 @@ class TeacherConfig:
             )
         if self.store is not None and not str(self.store).strip():
             raise VlrlcdError("teacher.store is empty: give a path such as ~/.cache/vlrlcd/anchors.sqlite, or null")
-
-    def _check_ranges(self) -> None:
-        """Every numeric knob finite and within its range; the message names key, value and the range."""
-        rules = [  # key, lower bound, lower bound allowed, upper bound (inclusive) or None, range in words
-            ("temperature", 0.0, True, None, ">= 0"),
-            ("max_tokens", 1, True, None, "an integer >= 1"),
-            ("concurrency", 1, True, 1024, "an integer in [1, 1024]"),
-            ("max_calls", 0, True, None, "an integer >= 0, or null for no budget"),
-            ("timeout_s", 0.0, False, None, "> 0 seconds (finite)"),
-            ("max_retries", 0, True, 100, "an integer in [0, 100]"),
-            ("backoff_s", 0.0, True, None, ">= 0 seconds (finite)"),
-            ("max_backoff_s", 0.0, True, None, ">= 0 seconds (finite)"),
-            ("error_rate", 0.0, True, 1.0, "in [0, 1]"),
-            ("paraphrase_rate", 0.0, True, 1.0, "in [0, 1]"),
-        ]
-        for key, lo, closed, hi, words in rules:
-            v = getattr(self, key)
-            if v is None and key == "max_calls":
-                continue
-            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                  and (v >= lo if closed else v > lo) and (hi is None or v <= hi))
-            if not ok:
-                raise VlrlcdError(f"teacher.{key}={v!r} is out of range: it must be {words}")
