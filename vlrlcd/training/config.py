@@ -17,11 +17,11 @@ GRPO_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")   # objectives.common.LOSS
 class TrainConfig:
     objective: str = "ldl_grpo"
     sft_epochs: float = 3.0            # stage I passes over the anchors
-    sft_lr: float = 1e-3
+    sft_lr: float = 1e-3               # stage I peak lr: warm-up over max(warmup_steps, 5% of steps), cosine to 10%
     sft_batch_size: int = 16
     sft_copy_pairs: int = 0            # extra scoring-format pairs per record that teach reading the reference
     rl_steps: int = 40                 # stage II optimizer steps
-    lr: float = 2e-4
+    lr: float = 2e-4                   # stage II peak lr: warm-up over warmup_steps, then cosine to 10% at rl_steps
     batch_size: int = 8                # prompts per RL step
     k: int = 8                         # candidates per prompt
     temperature: float = 1.0
@@ -30,7 +30,7 @@ class TrainConfig:
     dpo_beta: float = 0.1
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0              # linear warm-up steps (0: step 1 runs at the peak lr)
     save_every: int = 0                # 0: only at the end
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
