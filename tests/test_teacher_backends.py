@@ -168,3 +168,17 @@ def test_config_rejects_a_key_in_place_of_the_variable_name():
     assert cfg.teacher.max_calls == 7 and cfg.teacher.concurrency == 2
     with pytest.raises(VlrlcdError, match="backend"):
         load_config(None, ["teacher.backend=gpt"])
+
+
+def test_the_oracle_judge_agrees_with_exact_match_on_signs_and_number_words():
+    """One answer normalisation (evaluation/metrics.py): judge_grpo's reward and `eval --judge` agree with the
+    accuracy metric ("4" is not "-4"; "two" is "2")."""
+    from vlrlcd.evaluation.metrics import exact_match
+    from vlrlcd.teacher.config import TeacherConfig
+
+    judge = OracleTeacher(TeacherConfig())
+    for cand, ref in [("4", "-4"), ("two", "2"), ("minus 4", "-4"), ("3.50", "3.5"), ("The red one", "red one")]:
+        rec = Record(id="x", prompt="q", reference=ref)
+        assert (judge.judge(rec, cand) == 1.0) == exact_match(cand, ref), (cand, ref)
+    assert judge.judge(Record(id="x", prompt="q", reference="-4"), "4") < 1.0
+    assert judge.judge(Record(id="x", prompt="q", reference="2"), "two") == 1.0

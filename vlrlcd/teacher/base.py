@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.evaluation.metrics import normalize_answer  # one normalisation: judges agree with exact_match
 
 
 @dataclass
@@ -52,17 +52,6 @@ class TeacherCallError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.fatal = fatal
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, punctuation and articles removed, whitespace collapsed (SQuAD-style)."""
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
 
 
 def token_f1(candidate: str, reference: str) -> float:
