@@ -147,7 +147,7 @@ def test_a_later_stage_is_never_reused_on_top_of_a_changed_earlier_one(run, caps
     # resuming the full recipe: sft is reused, but ldl_grpo was trained from the old sft adapter
     assert train(run, "--resume", "train.sft_lr=0.02") == 1
     lines = error_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and "ldl_grpo:" in lines[0] and "start changed" in lines[0], lines
+    assert len(lines) == 1 and "ldl_grpo:" in lines[0] and "start (the adapter this stage starts from) changed" in lines[0], lines
     assert "--restart-stage ldl_grpo" in lines[0]
 
 
@@ -158,6 +158,18 @@ def test_an_unfinished_stage_with_changed_settings_is_not_continued(run, capsys)
     assert len(lines) == 1 and "train.lr 0.01 -> 0.05" in lines[0]
     assert train(run, "--resume") == 0  # the same settings: continued from its final checkpoint
     assert "resuming after step 2" in capsys.readouterr().err
+
+
+def test_a_stage_that_kept_nothing_starts_over_with_the_new_settings(run, capsys):
+    """Started but killed before its first checkpoint: nothing would be reused, so there is nothing to refuse."""
+    from vlrlcd.training.checkpoint import clear_checkpoints
+
+    (run / "ldl_grpo" / STAGE_FILE).unlink()
+    clear_checkpoints(run / "ldl_grpo")
+    capsys.readouterr()
+    assert train(run, "--resume", "train.lr=0.05") == 0
+    assert "sft: finished by an earlier run" in capsys.readouterr().out
+    assert json.loads((run / "ldl_grpo" / STAGE_FILE).read_text())["inputs"]["train.lr"] == 0.05
 
 
 def test_a_stage_without_a_record_of_its_settings_is_not_trusted(run, capsys):

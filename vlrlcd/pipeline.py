@@ -225,16 +225,17 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def stage_record(stage_dir: Path) -> dict | None:
     """What an earlier run recorded for this stage: stage.json when it finished, else inputs.json (written when
-    it started); None when it never started. A record this version cannot check (unreadable, or from an older
-    vlrlcd) comes back as {} — as do checkpoints with no record beside them."""
+    it started) if a checkpoint followed; None when nothing was kept. A record this version cannot check
+    (unreadable, or from an older vlrlcd) comes back as {} — as do checkpoints with no record beside them."""
     from vlrlcd.training.checkpoint import latest_checkpoint
 
+    progress = latest_checkpoint(stage_dir) is not None
     for name in (STAGE_FILE, INPUTS_FILE):
         path = stage_dir / name
-        if path.exists():
+        if path.exists() and (name == STAGE_FILE or progress):
             rec = _read_json(path)
             return rec if rec is not None and isinstance(rec.get("inputs"), dict) else {}
-    return {} if latest_checkpoint(stage_dir) is not None else None
+    return {} if progress else None
 
 
 def stage_config_inputs(cfg: Config, name: str) -> dict:

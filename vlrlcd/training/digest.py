@@ -83,7 +83,7 @@ def _drop(d: dict[str, Any], prefix: str, names: Iterable[str]) -> dict[str, Any
 
 def _student(cfg, sampling: bool) -> dict[str, Any]:
     keys = flatten(cfg.student, "student")
-    if cfg.student.name_or_path not in ("tiny-llava", "tiny-text"):
+    if cfg.student.name_or_path not in ("tiny-llava", "tiny-text"):  # pipeline.TINY_STUDENTS
         keys = _drop(keys, "student", ["tiny"])
     return keys if sampling else _drop(keys, "student", ["max_new_tokens"])
 
@@ -175,7 +175,9 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], keys: list[str], 
     """'train.lr 0.0002 -> 0.001, data.train_records changed, ...' (at most `limit`, then how many more)."""
     parts = []
     for k in keys[:limit]:
-        if k in DERIVED:
+        if k == "start":
+            parts.append("start (the adapter this stage starts from) changed")
+        elif k in DERIVED:
             parts.append(f"{k} changed")
         else:
             parts.append(f"{k} {_short(old.get(k, _MISSING))} -> {_short(new.get(k, _MISSING))}")
