@@ -52,7 +52,7 @@ def rl_student(world):
 
 def assert_checkpoint_finite(path, stepped: bool = True):
     tensors = torch.load(path / ckpt.TENSORS, weights_only=True)
-    state = torch.load(path / ckpt.STATE, weights_only=False)
+    state = torch.load(path / ckpt.STATE, weights_only=True)  # nothing in a checkpoint needs unpickling
     assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors.values())
     opt_tensors = [v for st in state["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)]
     assert (bool(opt_tensors) == stepped) and all(bool(torch.isfinite(t).all()) for t in opt_tensors)
@@ -155,3 +155,18 @@ def test_fp16_overflow_skips_do_not_count_until_the_loss_scale_is_spent():
     assert gradient_skip(None) == ("non-finite gradient", True)
     assert gradient_skip(torch.amp.GradScaler("cpu", init_scale=8.0)) == ("fp16 overflow, loss scale lowered to 8", False)
     assert gradient_skip(torch.amp.GradScaler("cpu", init_scale=0.5))[1] is True
+
+
+def test_a_huge_lr_that_makes_sampling_logits_non_finite_counts_as_bad_steps(world, tmp_path, capsys):
+    """After one step at lr=1e30 the logits overflow: torch.multinomial refuses the probabilities. That is a
+    skipped step naming train.lr, and max_bad_steps of them stop the run with an error, not a RuntimeError."""
+    _, _, records, anchors = world
+    student = rl_student(world)
+    with pytest.raises(VlrlcdError, match=r"2 steps in a row .*non-finite logits while sampling \(train.lr=1e\+30 "
+                                          r"too high\?\).*lower train.lr"):
+        train_rl(student, records, anchors, replace(CFG, lr=1e30, rl_steps=4), RankingConfig(), 3, tmp_path, seed=0,
+                 progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in logged] == [False, True, True]
+    assert all(r["skip_reason"].startswith("non-finite logits while sampling") for r in logged[1:])
+    assert "step 2: skipped (non-finite logits while sampling" in capsys.readouterr().err

@@ -32,7 +32,7 @@ def cmd_anchors(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vlrlcd.pipeline import (format_table, prepare, reset_stages, run_rl, run_sft, student_config,
+    from vlrlcd.pipeline import (begin_stages, format_table, prepare, run_rl, run_sft, student_config,
                                  write_summary)
     from vlrlcd.training.distributed import setup_distributed
     from vlrlcd.training.session import TrainingInterrupted
@@ -40,16 +40,17 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     dist = setup_distributed(cfg.train.mixed_precision)
     progress = not args.no_progress
+    resume = args.resume or args.restart_stage is not None
+    stages = ["sft"] + ([cfg.train.objective] if cfg.train.objective != "sft" else [])
     try:
+        begin_stages(cfg, stages, resume, args.restart_stage, main=dist.is_main)  # before anything is written
         prep = prepare(cfg, progress=progress and dist.is_main, dist=dist)
         with dist.main_first():
             student_config(prep)  # a tiny student is built once, by process 0
-            if dist.is_main and not args.resume:
-                reset_stages(cfg, ["sft", cfg.train.objective])
-        sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=args.resume, dist=dist)
+        sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=resume, dist=dist)
         methods = {"sft": sft_metrics}
         if cfg.train.objective != "sft":
-            _, methods[cfg.train.objective] = run_rl(prep, sft_adapter, progress=progress, resume=args.resume,
+            _, methods[cfg.train.objective] = run_rl(prep, sft_adapter, progress=progress, resume=resume,
                                                      dist=dist)
     except TrainingInterrupted as e:
         if dist.is_main:
@@ -114,9 +115,14 @@ def judge_eval(cfg, records, predictions) -> dict:
 
 def cmd_compare(args) -> int:
     from vlrlcd.compare import format_compare, parse_objectives, run_compare
+    from vlrlcd.pipeline import begin_stages
 
     cfg = _config(args)
-    result = run_compare(cfg, parse_objectives(args.objectives), progress=not args.no_progress, resume=args.resume)
+    names = parse_objectives(args.objectives)
+    resume = args.resume or args.restart_stage is not None
+    if resume:  # check the stages against this config before any work; forget the one(s) restarted
+        begin_stages(cfg, ["sft"] + [n for n in names if n != "sft"], resume, args.restart_stage)
+    result = run_compare(cfg, names, progress=not args.no_progress, resume=resume)
     print(format_compare(result))
     print(f"wrote {Path(cfg.run_dir) / 'compare.csv'} and {Path(cfg.run_dir) / 'compare.json'}")
     return 0
@@ -166,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint (finished stages are reused; pass the same "
                         "config and overrides)")
+    t.add_argument("--restart-stage", metavar="STAGE", default=None,
+                   help="with --resume (implied): train STAGE again (sft: and every stage after it)")
     t.set_defaults(func=cmd_train)
     e = with_config(sub.add_parser("eval", help="evaluate an adapter on the held-out split"))
     e.add_argument("--adapter", required=True, help="a saved adapter directory")
@@ -177,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objectives", required=True,
                    help="comma-separated, e.g. sft2,single_pair_dpo,anchor_rank_dpo,ldl_grpo")
     c.add_argument("--resume", action="store_true", help="reuse finished stages, continue unfinished ones")
+    c.add_argument("--restart-stage", metavar="STAGE", default=None,
+                   help="with --resume (implied): train STAGE again (sft: and every objective)")
     c.set_defaults(func=cmd_compare)
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 TINY_STUDENTS = ("tiny-llava", "tiny-text")
 STAGE_FILE = "stage.json"   # RUN/<stage>/stage.json: written last, when the stage (training + eval) is done
+INPUTS_FILE = "inputs.json"  # RUN/<stage>/inputs.json: what the stage is trained from, written when it starts
+BASE_RECORD = "vlrlcd_base.json"  # RUN/student_base-*/: what a tiny base was built from
 
 
 @dataclass
@@ -96,19 +100,31 @@ def _tiny_base(cfg: Config) -> Path:
     return Path(cfg.run_dir) / f"student_base-{cfg.student.name_or_path}"
 
 
-def student_config(prep: Prepared) -> StudentConfig:
-    """The student section with a tiny student built (once) into the run directory when asked for."""
+def student_config(prep: Prepared, rebuild_stale: bool = False) -> StudentConfig:
+    """The student section with a tiny student built (once) into the run directory when asked for.
+
+    The base records what it was built from (BASE_RECORD); with `rebuild_stale` (no stage on it is being
+    continued) a base built from other settings or data is built again. A base without a record is kept."""
     scfg = prep.cfg.student
     if scfg.name_or_path not in TINY_STUDENTS:
         return scfg
     from vlrlcd.adapters.tiny import build_tiny_llava, build_tiny_text
+    from vlrlcd.training.digest import digest_of
 
     base = _tiny_base(prep.cfg)
+    inputs = _base_inputs(prep)
+    if (base / "config.json").exists() and rebuild_stale and _base_digest(base) not in (None, digest_of(inputs)):
+        stale = base.with_name(f"{base.name}.stale-{os.getpid()}")
+        base.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        if prep.progress:
+            print(f"{base.name}: built from other settings or data; building it again", flush=True)
     if not (base / "config.json").exists():
         from vlrlcd.training.pretrain import pretrain_base, pretraining_records
 
         t = scfg.tiny
         tmp = base.with_name(base.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
         vision = scfg.name_or_path == "tiny-llava"
         generic = pretraining_records(vision, t.pretrain_examples, prep.cfg.seed, tmp / "pretrain_images",
                                       t.image_size) if t.pretrain_examples else []
@@ -118,8 +134,41 @@ def student_config(prep: Prepared) -> StudentConfig:
         build(tmp, corpus, t, seed=prep.cfg.seed)
         if generic:
             pretrain_base(tmp, generic, t.pretrain_epochs, t.pretrain_lr, prep.cfg.seed, progress=prep.progress)
+        (tmp / BASE_RECORD).write_text(json.dumps({"digest": digest_of(inputs), "inputs": inputs}, indent=1),
+                                       encoding="utf-8")
         tmp.rename(base)
     return replace(scfg, name_or_path=str(base))
+
+
+def _base_inputs(prep: Prepared) -> dict:
+    """What a tiny base is built from: its sizes, the seed, and the corpus (both splits and the anchors)."""
+    from vlrlcd.training.digest import anchors_digest, flatten, records_digest
+
+    cfg, run = prep.cfg, prep.cfg.run_dir
+    return {"seed": cfg.seed, "student.name_or_path": cfg.student.name_or_path, **flatten(cfg.student.tiny, "student.tiny"),
+            "data.train_records": records_digest(prep.train, run), "data.eval_records": records_digest(prep.eval, run),
+            "anchors": anchors_digest(prep.anchors)}
+
+
+def _base_digest(base: Path) -> str | None:
+    try:
+        return json.loads((base / BASE_RECORD).read_text(encoding="utf-8")).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def student_identity(cfg: Config) -> str:
+    """Which base weights the student loads: a tiny base's build record (or its files), a local directory's
+    config.json with its weight files' names and sizes, or a hub id as written."""
+    from vlrlcd.training.digest import files_digest
+
+    name = cfg.student.name_or_path
+    folder = _tiny_base(cfg) if name in TINY_STUDENTS else Path(name)
+    if name in TINY_STUDENTS and _base_digest(folder):
+        return f"tiny-{_base_digest(folder)}"
+    if folder.is_dir():
+        return files_digest(folder, ("config.json",), sized=(".safetensors", ".bin", ".pt"))
+    return "not built yet" if name in TINY_STUDENTS else name
 
 
 def _eval(student, prep: Prepared, out: Path, progress: bool, answers: list[str] | None = None) -> dict:
@@ -154,21 +203,103 @@ def finished_stage(stage_dir: Path, start: str | None = None) -> dict | None:
     path = stage_dir / STAGE_FILE
     if not path.exists() or not (stage_dir / "adapter" / "adapter_config.json").exists():
         return None
-    try:
-        done = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    done = _read_json(path)
+    if done is None or not done.get("done", True):
         return None
     return done if start is None or done.get("start") == start else None
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def stage_record(stage_dir: Path) -> dict | None:
+    """What an earlier run recorded for this stage: stage.json when it finished, else inputs.json (written when
+    it started) if a checkpoint followed; None when nothing was kept. A record this version cannot check
+    (unreadable, or from an older vlrlcd) comes back as {} — as do checkpoints with no record beside them."""
+    from vlrlcd.training.checkpoint import latest_checkpoint
+
+    progress = latest_checkpoint(stage_dir) is not None
+    for name in (STAGE_FILE, INPUTS_FILE):
+        path = stage_dir / name
+        if path.exists() and (name == STAGE_FILE or progress):
+            rec = _read_json(path)
+            return rec if rec is not None and isinstance(rec.get("inputs"), dict) else {}
+    return {} if progress else None
+
+
+def stage_config_inputs(cfg: Config, name: str) -> dict:
+    """The config keys stage `name` reads: "sft" is stage I, anything else the stage-II objective of that name."""
+    from vlrlcd.training.digest import rl_inputs, sft_inputs
+
+    return sft_inputs(cfg) if name == "sft" else rl_inputs(cfg, name)
+
+
+def check_stage(stage_dir: Path, inputs: dict, derived: bool = True) -> dict | None:
+    """On resume: the stage's record when its recorded inputs equal `inputs` (continue or reuse it), None when
+    it never started; otherwise a VlrlcdError naming the keys that changed. `derived=False` compares the config
+    keys only (before the data and anchors are loaded)."""
+    from vlrlcd.training.digest import changed_keys, describe_changes
+
+    rec = stage_record(stage_dir)
+    if rec is None:
+        return None
+    name, run = stage_dir.name, stage_dir.parent
+    again = (f"rerun with --restart-stage {name} to train it{' and the stages after it' if name == 'sft' else ''} "
+             f"again, or use a new run_dir")
+    if not rec:
+        raise VlrlcdError(f"{stage_dir}: no record of the settings this stage was trained with (an older vlrlcd, or "
+                          f"a damaged {STAGE_FILE}), so --resume cannot tell whether it still fits; {again}")
+    keys = changed_keys(rec["inputs"], inputs, derived=derived)
+    if keys:
+        raise VlrlcdError(f"{name}: the settings changed since an earlier run trained this stage in {run} "
+                          f"({describe_changes(rec['inputs'], inputs, keys)}); {again}")
+    return rec
+
+
+def restart_stages(stages: list[str], restart: str | None) -> list[str]:
+    """The stages `--restart-stage NAME` trains again: NAME, and every stage when NAME is the first (stage I,
+    which all the others start from)."""
+    if restart is None:
+        return []
+    if restart not in stages:
+        raise VlrlcdError(f"--restart-stage {restart}: not a stage of this run; its stages are {', '.join(stages)}")
+    return list(stages) if restart == stages[0] else [restart]
+
+
+def begin_stages(cfg: Config, stages: list[str], resume: bool, restart: str | None = None,
+                 main: bool = True) -> None:
+    """Before any data is loaded or file written: with `resume` (implied by `restart`), check each stage that
+    will be continued or reused against this config (a VlrlcdError names the changed keys); then forget the
+    stages that start over (process 0): every stage without resume, else `restart_stages(stages, restart)`."""
+    resume = resume or restart is not None
+    again = restart_stages(stages, restart) if resume else list(stages)
+    for name in stages:
+        if name not in again:
+            check_stage(Path(cfg.run_dir) / name, stage_config_inputs(cfg, name), derived=False)
+    if main:
+        reset_stages(cfg, again)
+
+
 def reset_stages(cfg: Config, names: list[str]) -> None:
-    """Forget earlier runs' progress in these stages (finished marks, checkpoints): a run started without
+    """Forget earlier runs' progress in these stages (records, checkpoints): a run started without
     --resume must never be resumed into an older run's stages later."""
     from vlrlcd.training.checkpoint import clear_checkpoints
 
     for name in names:
         stage = Path(cfg.run_dir) / name
         (stage / STAGE_FILE).unlink(missing_ok=True)
+        (stage / INPUTS_FILE).unlink(missing_ok=True)
         clear_checkpoints(stage)
 
 
@@ -177,38 +308,85 @@ def _prior_seconds(stage_dir: Path, resume: bool) -> float:
     from vlrlcd.training.checkpoint import latest_checkpoint, read_meta
 
     latest = latest_checkpoint(stage_dir) if resume else None
-    return float(read_meta(latest).get("elapsed", 0.0)) if latest else 0.0
+    try:
+        return float(read_meta(latest).get("elapsed", 0.0)) if latest else 0.0
+    except (OSError, ValueError, TypeError, AttributeError):  # a damaged meta.json: the resume itself says so
+        return 0.0
 
 
-def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist | None",
-               progress: bool, start: str) -> tuple[Path, dict]:
-    """Load the student, train it (`train(student)`), save and evaluate on process 0, mark the stage done.
-    With `resume`, a finished stage is reused as it is and an unfinished one continues from its newest
-    checkpoint."""
-    main = dist is None or dist.is_main
-    done = finished_stage(out, start) if resume else None
-    if done is not None:
-        if main:
-            print(f"{out.name}: finished by an earlier run; using {out / 'adapter'}", flush=True)
-        return out / "adapter", done.get("metrics", {})
-    if main:
-        (out / STAGE_FILE).unlink(missing_ok=True)
-    t0, prior = time.time(), _prior_seconds(out, resume)
-    student = load()
-    if dist is not None:
-        dist.prepare_student(student)  # FSDP: shard the frozen base, decode in lockstep
-    train(student)
-    adapter, metrics, answers = out / "adapter", {}, None
+def _stage_inputs(prep: Prepared, name: str, start: str) -> tuple[dict, dict]:
+    """(training inputs, evaluation inputs) of stage `name` in this run: its config keys, the student's base,
+    the training records and anchors and the start; the eval section and the held-out records."""
+    from vlrlcd.training.digest import anchors_digest, eval_inputs, records_digest
+
+    cfg, run = prep.cfg, prep.cfg.run_dir
+    train = {**stage_config_inputs(cfg, name), "student.base": student_identity(cfg),
+             "data.train_records": records_digest(prep.train, run), "anchors": anchors_digest(prep.anchors),
+             "start": start}
+    return train, {**eval_inputs(cfg), "data.eval_records": records_digest(prep.eval, run)}
+
+
+def _evaluate_stage(student, prep: Prepared, out: Path, dist: "Dist | None", progress: bool) -> dict:
+    """Held-out metrics of `student` (process 0; every process generates when the base is sharded)."""
+    answers = None
     if dist is not None and dist.sharded and prep.eval:  # sharded: every process takes part in the evaluation
         from vlrlcd.evaluation.evaluate import generate_sharded
 
         answers = generate_sharded(student, prep.eval, prep.cfg.eval.max_new_tokens, dist)
+    return _eval(student, prep, out, progress, answers) if dist is None or dist.is_main else {}
+
+
+def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist | None",
+               progress: bool, inputs: dict, evals: dict) -> tuple[Path, dict]:
+    """Load the student, train it (`train(student, continuing)`), save and evaluate on process 0, mark the
+    stage done. With `resume`, a stage recorded with the same `inputs` is reused when finished (evaluated again
+    when `evals` changed) and continued from its newest checkpoint when not; other inputs are an error."""
+    from vlrlcd.adapters.loader import load_student
+    from vlrlcd.training.digest import changed_keys, describe_changes, digest_of
+
+    main = dist is None or dist.is_main
+    rec = check_stage(out, inputs) if resume else None
+    if dist is not None:
+        dist.barrier()  # every process has read the record before process 0 writes a new one
+    record = {"start": inputs["start"], "digest": digest_of(inputs), "inputs": inputs}
+    if rec is not None and rec.get("done") and (out / "adapter" / "adapter_config.json").exists():
+        metrics = rec.get("metrics", {})
+        if rec.get("eval_digest") == digest_of(evals):
+            if main:
+                print(f"{out.name}: finished by an earlier run; using {out / 'adapter'}", flush=True)
+            return out / "adapter", metrics
+        if main:
+            old = rec.get("eval_inputs") or {}
+            print(f"{out.name}: finished by an earlier run; evaluating {out / 'adapter'} again "
+                  f"({describe_changes(old, evals, changed_keys(old, evals))})", flush=True)
+        student = load_student(student_config(prep), adapter=out / "adapter", **_placement(dist))
+        if dist is not None:
+            dist.prepare_student(student)
+        metrics = {**_evaluate_stage(student, prep, out, dist, progress), "seconds": metrics.get("seconds")}
+        if main:
+            _write_json(out / STAGE_FILE, {"done": True, **record, "eval_digest": digest_of(evals),
+                                           "eval_inputs": evals, "metrics": metrics})
+        if dist is not None:
+            dist.barrier()
+        return out / "adapter", metrics if main else {}
+    continuing = rec is not None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STAGE_FILE).unlink(missing_ok=True)
+        _write_json(out / INPUTS_FILE, record)
+    t0, prior = time.time(), _prior_seconds(out, continuing)
+    student = load()
+    if dist is not None:
+        dist.prepare_student(student)  # FSDP: shard the frozen base, decode in lockstep
+    train(student, continuing)
+    adapter, metrics = out / "adapter", {}
     if main:
         student.save(adapter)
-        metrics = {**_eval(student, prep, out, progress, answers), "seconds": round(time.time() - t0 + prior, 1)}
-        tmp = out / (STAGE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"done": True, "start": start, "metrics": metrics}, indent=1), encoding="utf-8")
-        tmp.replace(out / STAGE_FILE)
+    metrics = _evaluate_stage(student, prep, out, dist, progress)
+    if main:
+        metrics = {**metrics, "seconds": round(time.time() - t0 + prior, 1)}
+        _write_json(out / STAGE_FILE, {"done": True, **record, "eval_digest": digest_of(evals), "eval_inputs": evals,
+                                       "metrics": metrics})
     if dist is not None:
         dist.barrier()
     return adapter, metrics
@@ -230,18 +408,25 @@ def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init
     from vlrlcd.training.sft import sft_items, train_sft
 
     cfg = prep.cfg
+    out = Path(cfg.run_dir) / name
+    if init_adapter is None:  # stage I: a tiny base built from other settings is rebuilt unless it is resumed
+        fresh = not (resume and stage_record(out) is not None)
+        with (dist.main_first() if dist is not None else nullcontext()):
+            if dist is None or dist.is_main:
+                student_config(prep, rebuild_stale=fresh)
+    inputs, evals = _stage_inputs(prep, name, start_key(init_adapter, cfg.seed))
+    if epochs is not None:
+        inputs["train.sft_epochs"] = float(epochs)
 
     def load():
         seed_everything(cfg.seed)  # a fresh adapter's initialisation must not depend on what ran before
         return load_student(student_config(prep), adapter=init_adapter, **_placement(dist))
 
-    def train(student):
+    def train(student, continuing: bool):
         items = sft_items(prep.train, prep.anchors, copy_pairs=cfg.train.sft_copy_pairs, seed=cfg.seed)
-        train_sft(student, items, cfg.train, Path(cfg.run_dir) / name, cfg.seed, epochs, progress, resume=resume,
-                  dist=dist)
+        train_sft(student, items, cfg.train, out, cfg.seed, epochs, progress, resume=continuing, dist=dist)
 
-    return _run_stage(prep, Path(cfg.run_dir) / name, train, load, resume, dist, progress,
-                      start_key(init_adapter, cfg.seed))
+    return _run_stage(prep, out, train, load, resume, dist, progress, inputs, evals)
 
 
 def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = None,
@@ -258,15 +443,16 @@ def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = Non
     def load():
         return load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter, **_placement(dist))
 
-    def train(student):
+    def train(student, continuing: bool):
         ctx = make_context(cfg, tcfg)  # a stored judge for judge_grpo
         try:
             train_rl(student, prep.train, prep.anchors, tcfg, cfg.ranking, cfg.student.max_new_tokens, out,
-                     cfg.seed, prep.teacher_calls, progress, resume=resume, dist=dist, ctx=ctx)
+                     cfg.seed, prep.teacher_calls, progress, resume=continuing, dist=dist, ctx=ctx)
         finally:
             ctx.close()
 
-    return _run_stage(prep, out, train, load, resume, dist, progress, start_key(sft_adapter, cfg.seed))
+    inputs, evals = _stage_inputs(prep, tcfg.objective, start_key(sft_adapter, cfg.seed))
+    return _run_stage(prep, out, train, load, resume, dist, progress, inputs, evals)
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:

@@ -8,6 +8,7 @@ pieces (no summary, no rollouts, no evaluation yet) become a note in the page, n
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -415,14 +416,36 @@ def render_report(run_dir: str | Path, max_prompts: int = 100, max_rows: int = 2
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write RUN/report.html (self-contained: inline CSS, base64 PNGs, no scripts) and RUN/curves.png."""
+    """Write RUN/report.html (self-contained: inline CSS, base64 PNGs, no scripts) and RUN/curves.png; a run
+    directory that cannot be written is a one-line VlrlcdError saying what to do."""
     run_dir = Path(run_dir)
-    page = render_report(run_dir)
     out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    if run_dir.is_dir():
+        _check_writable(run_dir, tmp)
+    page = render_report(run_dir)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:  # e.g. the disk filled up while writing
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _unwritable(run_dir, out, e) from None
     return out
+
+
+def _check_writable(run_dir: Path, probe: Path) -> None:
+    """Fail before any rendering when the report cannot be written beside the run."""
+    try:
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as e:
+        raise _unwritable(run_dir, run_dir / "report.html", e) from None
+
+
+def _unwritable(run_dir: Path, out: Path, e: OSError) -> VlrlcdError:
+    return VlrlcdError(f"cannot write {out}: {e.strerror or e}; the report is written into the run directory, so "
+                       f"make {run_dir} writable or copy it elsewhere (cp -r {run_dir} /tmp/run) and report on the copy")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,18 @@ of every process (python, numpy, torch, CUDA), the data position (steps done), t
 state (e.g. the RL StepContext.state) and the metric rows so far. It is written into a hidden temporary
 directory and renamed into place, so a crash leaves either the whole checkpoint or none; the newest
 `keep` are kept. Nothing non-finite is ever written.
+
+Nothing is unpickled: both .pt files hold only tensors and JSON values (RNG states are converted to
+tensors and ints, the loop state must be JSON) and are read with `torch.load(weights_only=True)`;
+meta.json records their sha256, checked before loading, so a damaged or altered file is a one-line error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -58,17 +64,30 @@ def clear_checkpoints(stage_dir: str | Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states: python, numpy, torch CPU and (when present) CUDA."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers (safe for `weights_only` loading): python,
+    numpy, torch CPU and (when present) CUDA."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": int(version), "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore what `rng_state` returned; a malformed state is a ValueError."""
+    try:
+        py, nps = state["python"], state["numpy"]
+        words = tuple(int(x) for x in py["words"].tolist())
+        keys = nps["keys"].numpy().astype(np.uint32)
+        random.setstate((int(py["version"]), words, py["gauss"]))
+        np.random.set_state((str(nps["name"]), keys, int(nps["pos"]), int(nps["has_gauss"]), float(nps["cached"])))
+        torch.set_rng_state(state["torch"])
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"malformed RNG state ({type(e).__name__}: {_first_line(e)})") from None
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -125,7 +144,8 @@ def save_checkpoint(stage_dir: str | Path, step: int, student, optimizer: torch.
     student.save(tmp / "adapter")
     torch.save(tensors, tmp / TENSORS)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state}, tmp / STATE)
-    (tmp / META).write_text(json.dumps({"step": step, **(meta or {})}, indent=1), encoding="utf-8")
+    sums = {name: _sha256(tmp / name) for name in (TENSORS, STATE)}
+    (tmp / META).write_text(json.dumps({"step": step, **(meta or {}), "sha256": sums}, indent=1), encoding="utf-8")
     _fsync_tree(tmp)
     if final.exists():  # the same step written again (e.g. a resumed run that ends where it resumed)
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -153,18 +173,57 @@ def prune(stage_dir: str | Path, keep: int) -> None:
 
 
 def load_checkpoint(path: Path, student, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Any]:
-    """Restore the trainable tensors, optimizer and scheduler from `path`; returns the rest of its state."""
-    try:
-        tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
-        # our own file: it holds RNG states (numpy arrays, tuples) besides tensors
-        state = torch.load(path / STATE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise VlrlcdError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to resume from an "
-                          "older one") from None
+    """Restore the trainable tensors, optimizer and scheduler from `path`; returns the rest of its state.
+    Both files are checked against meta.json's sha256 and read with weights_only=True (nothing is unpickled)."""
+    tensors, state = read_tensors(path, TENSORS), read_tensors(path, STATE)
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+        raise bad_checkpoint(path, f"{TENSORS} does not hold a name -> tensor mapping")
+    if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict) \
+            or not isinstance(state.get("scheduler"), dict):
+        raise bad_checkpoint(path, f"{STATE} does not hold the optimizer and scheduler states")
     load_trainable_tensors(student.model, tensors, path)
-    optimizer.load_state_dict(state.pop("optimizer"))
-    scheduler.load_state_dict(state.pop("scheduler"))
+    try:
+        optimizer.load_state_dict(state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise bad_checkpoint(path, f"its optimizer / scheduler state does not fit ({type(e).__name__}: "
+                                   f"{_first_line(e)})") from None
     return state
+
+
+def read_tensors(path: Path, name: str) -> Any:
+    """`path/name` loaded with weights_only=True after its sha256 is checked against meta.json."""
+    try:
+        expected = read_meta(path).get("sha256", {}).get(name)
+    except (OSError, ValueError, AttributeError) as e:
+        raise bad_checkpoint(path, f"{META} is unreadable ({type(e).__name__})") from None
+    if expected is None:
+        raise bad_checkpoint(path, f"{META} records no checksum for {name} (written by an older vlrlcd?)")
+    try:
+        if _sha256(path / name) != expected:
+            raise bad_checkpoint(path, f"{name} does not match the checksum in {META} (damaged or altered)")
+        return torch.load(path / name, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
+        raise bad_checkpoint(path, f"{name} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def bad_checkpoint(path: Path, why: str) -> VlrlcdError:
+    return VlrlcdError(f"{path}: {why}; delete this checkpoint directory to resume from an older one, or start "
+                       "again without --resume")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_meta(path: Path) -> dict[str, Any]:

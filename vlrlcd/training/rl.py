@@ -96,11 +96,19 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
             counts: dict[str, int] = {}
             lines, bad_ids, tokens, calls0 = [], [], 0.0, _call_counts(ctx)
             mine = dist.shard(len(batch))
+            groups, unsampled = [], False
             with dist.autocast():  # this process's prompts sampled in one batched decode, then ranked per group
                 student.model.eval()
-                groups = rollout_batch(student, [batch[i] for i in mine], [anchors[batch[i].id] for i in mine], cfg,
-                                       rcfg, max_new_tokens, [sample_generator(seed, step, i) for i in mine])
-                student.model.train()
+                try:
+                    groups = rollout_batch(student, [batch[i] for i in mine], [anchors[batch[i].id] for i in mine],
+                                           cfg, rcfg, max_new_tokens, [sample_generator(seed, step, i) for i in mine])
+                except RuntimeError as e:  # inf / NaN logits (diverged weights): a bad step, not a crash
+                    if not nonfinite_sampling(e):
+                        raise
+                    unsampled = True
+                    bad_ids.extend(batch[i].id for i in mine)
+                finally:
+                    student.model.train()
             results = losses_and_backward(student, groups, group_loss, cfg, ctx, len(batch), dist, scaler)
             for i, g, (m, finite) in zip(mine, groups, results):
                 if not finite:
@@ -118,12 +126,14 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
             done = finish_step(dist, params, opt, sched, cfg.grad_clip, scaler, len(bad_ids))
             norm, ok, reason = done.grad_norm, done.ok, done.reason
             calls = {k: v - calls0.get(k, 0) for k, v in _call_counts(ctx).items()}
-            parts = dist.all_gather((sums, counts, tokens, lines, bad_ids, calls))
+            parts = dist.all_gather((sums, counts, tokens, lines, bad_ids, calls, unsampled))
             sums, counts = _merge([p[0] for p in parts]), _merge([p[1] for p in parts])
             tokens = sum(p[2] for p in parts)
             if reason is None and not ok:
                 ids = [x for p in parts for x in p[4]]
-                reason = f"non-finite loss on prompt(s) {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+                what = (f"non-finite logits while sampling (train.lr={cfg.lr:g} too high?)" if any(p[6] for p in parts)
+                        else "non-finite loss")
+                reason = f"{what} on prompt(s) {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
             means = {k: v / counts[k] for k, v in sums.items()}
             kl = means.get("kl_ref", means.get("kl"))   # None: the objective has no KL term (not drawn, not 0)
             calls_total = _merge([calls_total] + [p[5] for p in parts])
@@ -140,6 +150,11 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
         session.finish(loop_state)
     student.model.eval()
     return session.rows
+
+
+def nonfinite_sampling(e: RuntimeError) -> bool:
+    """Whether a sampling error is torch.multinomial refusing inf / NaN probabilities."""
+    return "probability tensor contains" in str(e)
 
 
 def losses_and_backward(student: StudentAdapter, groups: list, group_loss, cfg: TrainConfig, ctx: StepContext,

@@ -108,14 +108,20 @@ class Session:
             raise VlrlcdError(f"{latest}: this stage now starts from other weights than the run that wrote the "
                               "checkpoint (was the previous stage trained again?); start again without --resume")
         self.start_digest = state.get("start_digest", self.start_digest)
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
-        self.start_step = int(state["step"])
-        self.rows = list(state["rows"])
-        self.bad = int(state.get("bad", 0))
-        self._elapsed0 = float(state.get("elapsed", 0.0))
-        loops = state.get("loop") or [{}]  # one per process
-        self.loop_state = loops[self.dist.rank] if self.dist.rank < len(loops) else loops[0]
+        try:
+            rngs = state["rng"]
+            ckpt.set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+            self.start_step = int(state["step"])
+            self.rows = [dict(r) for r in state["rows"]]
+            self.bad = int(state.get("bad", 0))
+            self._elapsed0 = float(state.get("elapsed", 0.0))
+            loops = state.get("loop") or [{}]  # one per process
+            self.loop_state = dict(loops[self.dist.rank] if self.dist.rank < len(loops) else loops[0])
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ckpt.bad_checkpoint(latest, f"{ckpt.STATE} is not a training state this version wrote "
+                                              f"({type(e).__name__}: {ckpt._first_line(e)})") from None
+        if not 0 <= self.start_step <= self.total:
+            raise ckpt.bad_checkpoint(latest, f"its step {self.start_step} lies outside this stage's {self.total} steps")
         self.resumed_from = latest
         if self.dist.is_main:  # the log holds exactly the checkpoint's steps; later ones are redone
             tmp = self.log_file.path.with_suffix(".jsonl.tmp")
@@ -196,14 +202,14 @@ class Session:
     def save(self, step: int, loop_state: dict) -> Path | None:
         """Checkpoint after `step` steps (process 0 writes; every process contributes its RNG state)."""
         rngs = self.dist.all_gather(ckpt.rng_state())
-        loops = self.dist.all_gather(loop_state)
+        loops = self.dist.all_gather(_json_values(loop_state, f"{self.stage}: the loop state"))
         digests = self.dist.all_gather(_digest(self.params)) if self.dist.multi else []
         if len(set(digests)) > 1:
             raise VlrlcdError(f"{self.stage}: the processes' weights differ at step {step} ({digests}); gradients were "
                               "not averaged the same on every process — please report this")
         path = None
         if self.dist.is_main:
-            state = {"step": step, "rows": self.rows, "bad": self.bad, "elapsed": self.elapsed(), "rng": rngs,
+            state = {"step": step, "rows": _json_values(self.rows, f"{self.stage}: a metrics row"), "bad": self.bad, "elapsed": self.elapsed(), "rng": rngs,
                      "data_digest": self.data_digest,
                      "start_digest": self.start_digest, "loop": loops, "world": self.dist.world}
             meta = {"stage": self.stage, "world": self.dist.world, "elapsed": round(self.elapsed(), 3),
@@ -247,6 +253,15 @@ def _digest(params: list[torch.nn.Parameter]) -> str:
     for p in params:
         h.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _json_values(value: Any, what: str) -> Any:
+    """`value` as plain JSON values (dicts, lists, str, numbers, bools, None): what a checkpoint may hold
+    besides tensors, so that it loads with weights_only=True."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise VlrlcdError(f"{what} cannot go into a checkpoint: {e} (only JSON values and tensors are saved)") from None
 
 
 def _clean(row: dict) -> dict:
