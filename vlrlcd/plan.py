@@ -590,6 +590,10 @@ def plan_config(cfg, shapes: Shapes | None = None, image_size=DEFAULT_IMAGE, ima
     return plan_step(arch, s, shapes), plan_step(arch, replace(s, layout="peers"), shapes)
 
 
+def _fits(n: int, limit: int = 512) -> str:
+    return "none" if n == 0 else f"{n}+" if n >= limit else str(n)
+
+
 def _gb(b: float) -> str:
     return f"{b / GiB:.2f}"
 
@@ -611,14 +615,14 @@ def format_plan(plan: Plan, peers: Plan, budget: int) -> str:
               f"and allocator slack = {_gb(plan.total)} GiB against {_gb(budget)} GiB: {fits}"]
     k_max = largest(a, s, plan.shapes, budget, "k")
     b_max = largest(a, s, plan.shapes, budget, "batch")
-    lines.append(f"largest K at batch {s.batch}: {k_max or 'none'}; largest batch at K {s.k}: {b_max or 'none'}")
+    lines.append(f"largest K at batch {s.batch}: {_fits(k_max)}; largest batch at K {s.k}: {_fits(b_max)}")
     if s.group_chunk != 1 and plan.total > budget:
         one = replace(s, group_chunk=1)
         lines.append(f"with train.group_chunk=1: {_gb(plan_step(a, one, plan.shapes).total)} GiB; largest K "
-                     f"{largest(a, one, plan.shapes, budget, 'k') or 'none'}")
+                     f"{_fits(largest(a, one, plan.shapes, budget, 'k'))}")
     lines.append(f"the same step in the peers' layout (vision tower and prompt once per completion): "
                  f"{_gb(peers.total)} GiB ({peers.peak_phase}), {peers.total / max(plan.total, 1):.1f}x; largest K "
-                 f"{largest(a, replace(s, layout='peers'), plan.shapes, budget, 'k') or 'none'}")
+                 f"{_fits(largest(a, replace(s, layout='peers'), plan.shapes, budget, 'k'))}")
     lines += [f"note: {n}" for n in plan.notes]
     lines.append("estimates (see README, Memory plan); prompt lengths assumed, every candidate at the token limit")
     return "\n".join(lines)
