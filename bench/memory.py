@@ -9,6 +9,10 @@ runtime (torch, transformers, peft: about 1 GB, mostly shared libraries) before 
 the part the student and its step add can be read off. The checkpoint is stored in bf16 so that both
 settings convert it on load into their own memory: a checkpoint already in the compute dtype would be
 memory-mapped and counted in RSS only as far as its pages happen to have been touched.
+
+`LiveTensorPeak` measures what an accelerator would have to hold instead of what the process holds: the peak
+of live tensor bytes during a block (the figure `vlrlcd plan` predicts and `torch.cuda.max_memory_allocated`
+reports on a GPU), on any device, CPU included.
 """
 
 from __future__ import annotations
@@ -21,11 +25,127 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from bench.models import Workload, prompts
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """The peak of live tensor bytes during the `with` block, counted by storage (a view costs nothing).
+
+    A TorchDispatchMode sees every tensor an aten op returns, forward and backward (the autograd engine runs
+    below it); each new untyped storage is added with its size and a weakref callback on that storage takes
+    it off again when it is freed (the method of torch.distributed._tools.mem_tracker). Storages that exist
+    before the block are counted by passing the tensors that own them (`resident`: the model's parameters and
+    buffers, the optimizer's state). Not seen: a kernel's internal scratch buffers, tensors made from Python or
+    NumPy data without an aten op (the image processor's pixel arrays, a few index lists; small here).
+    `peak_live` keeps (bytes, op, shape, dtype) of every storage live at the peak, largest first."""
+
+    def __init__(self, resident=(), keep_snapshot: bool = False):
+        super().__init__()
+        self._refs: dict[int, tuple] = {}
+        self.current = 0
+        self.resident = 0
+        self.peak = 0
+        self.keep_snapshot = keep_snapshot
+        self.peak_live: list[tuple[int, str, tuple, str]] = []
+        self._snap_at = 0
+        self._op = "resident"
+        for t in resident:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self.resident = self.peak = self.current
+
+    def _add(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse / meta / tensor subclasses without one
+            return
+        key = id(st)
+        if key in self._refs or st.device.type == "meta":
+            return
+        nbytes = st.nbytes()
+
+        def freed(_ref, key=key, nbytes=nbytes):
+            if self._refs.pop(key, None) is not None:
+                self.current -= nbytes
+
+        self._refs[key] = (weakref.ref(st, freed), nbytes, self._op, tuple(t.shape), str(t.dtype))
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            if self.keep_snapshot and self.peak > self._snap_at * 1.01:
+                self._snap_at = self.peak
+                self.peak_live = sorted(((v[1], v[2], v[3], v[4]) for v in self._refs.values()), reverse=True)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._op = str(func.overloadpacket.__name__)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+
+def resident_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
+    """The tensors that hold a model's (and an optimizer's) memory before a step: parameters, gradients,
+    buffers, and the optimizer's state; bitsandbytes' 4-bit quantisation constants as well."""
+    out: list[torch.Tensor] = []
+    for p in model.parameters():
+        out.append(p)
+        if p.grad is not None:
+            out.append(p.grad)
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            out += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+            inner = getattr(state, "state2", None)
+            if inner is not None:
+                out += [v for v in vars(inner).values() if isinstance(v, torch.Tensor)]
+        cb = getattr(p, "SCB", None)
+        if isinstance(cb, torch.Tensor):
+            out.append(cb)
+    out += list(model.buffers())
+    if opt is not None:
+        out += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def rl_steps_peak(student, records, anchors, cfg, max_new_tokens: int, out_dir, rcfg=None) -> tuple[int, list[dict]]:
+    """Peak live tensor bytes (weights included) while `train_rl` runs `cfg.rl_steps` real steps (use 2: from
+    the second on, AdamW's state exists, as in every later step), and its rows."""
+    from vlrlcd.ranking.config import RankingConfig
+    from vlrlcd.training.rl import train_rl
+
+    gc.collect()
+    with LiveTensorPeak(resident_tensors(student.model)) as tracker:
+        rows = train_rl(student, records, anchors, cfg, rcfg or RankingConfig(), max_new_tokens=max_new_tokens,
+                        out_dir=out_dir, progress=False)
+    return tracker.peak, rows
+
+
+def plan_for_run(student, scfg, records, anchors, cfg, max_new_tokens: int, device: str):
+    """`vlrlcd.plan`'s plan for exactly this run: the student's saved config, the records' longest prompt
+    (text and image tokens, as the loop pads them) and anchor, the run's K, batch, passes and dtypes."""
+    from vlrlcd.plan import Settings, Shapes, plan_step, student_arch
+
+    prefixes = [student.prefix(r.prompt, r.image) for r in records]
+    img_id = getattr(student.model.config, "image_token_id", None)
+    image_tokens = int((prefixes[0].input_ids == img_id).sum()) if img_id is not None and records[0].image else 0
+    arch = student_arch(scfg, image_tokens=image_tokens or None)
+    prompt = max(int(p.input_ids.shape[1]) for p in prefixes) - image_tokens
+    anchor = max(len(student.encode_response(a)) for a in anchors.values())
+    settings = Settings(batch=cfg.batch_size, k=cfg.k, objective=cfg.objective, beta=cfg.beta,
+                        group_chunk=cfg.group_chunk, gradient_checkpointing=cfg.gradient_checkpointing,
+                        quantization=scfg.quantization, compute_dtype=scfg.compute_dtype,
+                        mixed_precision=cfg.mixed_precision, lora_dropout=scfg.lora.dropout,
+                        reference_adapter=student.has_reference_adapter, device=device)
+    return plan_step(arch, settings, Shapes(prompt_tokens=prompt, response_tokens=max_new_tokens, anchor_tokens=anchor,
+                                            images=bool(image_tokens)))
 
 
 def _status_kb(field: str) -> int:

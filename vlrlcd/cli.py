@@ -146,6 +146,21 @@ def cmd_data_check(args) -> int:
     return 0 if getattr(summary, "ok", True) else 1
 
 
+def cmd_plan(args) -> int:
+    from vlrlcd.plan import Shapes, format_plan, parse_size, plan_config, plan_json
+
+    cfg = _config(args)
+    budget = parse_size(args.gpu_memory)
+    try:
+        w, h = (int(x) for x in args.image_size.lower().split("x"))
+    except ValueError:
+        raise VlrlcdError(f"--image-size '{args.image_size}': give WIDTHxHEIGHT in pixels, e.g. 640x480") from None
+    shapes = Shapes(prompt_tokens=args.prompt_tokens, response_tokens=cfg.student.max_new_tokens)
+    plan, peers = plan_config(cfg, shapes, (w, h), args.image_tokens)
+    print(plan_json(plan, peers, budget) if args.json else format_plan(plan, peers, budget))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlrlcd", description="RL capability distillation for small VLM / text students")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
+    pl = with_config(sub.add_parser("plan", help="where peak GPU memory goes in one RL step, before anything is loaded"))
+    pl.add_argument("--gpu-memory", default="24GB", help="the card to plan for (default 24GB)")
+    pl.add_argument("--prompt-tokens", type=int, default=48, help="text tokens per prompt, chat template included")
+    pl.add_argument("--image-tokens", type=int, default=None, help="image tokens per prompt (default: from the config)")
+    pl.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the images (Qwen2-VL / Qwen2.5-VL)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
     data = sub.add_parser("data", help="data tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
     with_config(dsub.add_parser("check", help="validate every record and print a summary")).set_defaults(func=cmd_data_check)
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    apply_thread_policy(announce=args.command not in ("report", "data"))  # the policy: vlrlcd/threads.py
+    apply_thread_policy(announce=args.command not in ("report", "data", "plan"))  # the policy: vlrlcd/threads.py
     try:
         return args.func(args)
     except VlrlcdError as e:
