@@ -250,14 +250,14 @@ def test_dropping_mm_token_type_ids_is_caught(name, ckpts, images):
     with torch.no_grad():
         naive = naive_token_logprobs(student, PROMPT, images[1], responses)[0]
         good = student.token_logprobs(student.prefix(PROMPT, images[1]), responses).logp[0]
-        original = student.family.build_prompt
+        original = student.family.build_prompts
 
-        def without_types(adapter, prompt, image):
-            ids, kwargs, pixels = original(adapter, prompt, image)
-            assert "mm_token_type_ids" in kwargs
-            return ids, {k: v for k, v in kwargs.items() if k != "mm_token_type_ids"}, pixels
+        def without_types(adapter, prompts, images):
+            rows, pixels = original(adapter, prompts, images)
+            assert all("mm_token_type_ids" in kwargs for _, kwargs in rows)
+            return [(ids, {k: v for k, v in kwargs.items() if k != "mm_token_type_ids"}) for ids, kwargs in rows], pixels
 
-        student.family = dataclasses.replace(student.family, build_prompt=without_types)
+        student.family = dataclasses.replace(student.family, build_prompts=without_types)
         bad_prefix = student.prefix(PROMPT, images[1])
         bad = student.token_logprobs(bad_prefix, responses).logp[0]
     assert torch.allclose(good, naive, atol=1e-5)

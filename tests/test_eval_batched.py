@@ -1,7 +1,9 @@
-"""Batched greedy evaluation: `StudentAdapter.generate` decodes `batch_size` prompts per `sample_batch` call and
-gives, answer for answer, what one prompt at a time gives (tiny LLaVA with images, tiny text LM; prompts of
-different lengths, so left padding); `evaluate` and the pipeline honour `eval.batch_size`; `generate_sharded`
-decodes its shard in batches with the same calls on every process."""
+"""Batched greedy evaluation: `StudentAdapter.generate` builds `batch_size` prompts' prefixes together (one
+processor call, one vision pass: `prefixes`, equal to `prefix` one at a time) and decodes them in one
+`sample_batch` call, giving, answer for answer, what one prompt at a time gives, on every family (Llama and Qwen2
+text, LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; images of different sizes, prompts of different lengths, so left
+padding); `evaluate` and the pipeline honour `eval.batch_size`; `generate_sharded` decodes its shard in batches
+with the same calls on every process and the same answers."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from test_steps_common import Forwards, lora_student
@@ -23,6 +26,8 @@ from vlrlcd.evaluation.evaluate import evaluate, generate_sharded
 TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                   vision_hidden_size=32, vision_layers=1)
 CORPUS = ["What color is the shape?", "red green blue square circle", "What is 2 + 3? 5"]
+FAMILIES = ["llama", "qwen2", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+TEXT = ("llama", "qwen2")
 PROMPTS = ["What is 2 + 3?", "What color is the shape on the left of the big square?", "Hi",
            "Describe the image. a red circle and a blue square", "Count the shapes", "What is 12 + 30?",
            "Name the colour of the circle in the middle"]
@@ -33,8 +38,10 @@ M = 6  # max new tokens
 def students(tmp_path_factory):
     root = tmp_path_factory.mktemp("students")
     out = {}
-    for name in ("llama", "llava"):
-        s = lora_student(str(BUILDERS[name](root / name, CORPUS, TINY, seed=0)), LoraConfig(r=4, alpha=8))
+    for name in FAMILIES:
+        path = str(BUILDERS[name](root / name, CORPUS, TINY, seed=0))
+        torch.manual_seed(0)
+        s = lora_student(path, LoraConfig(r=4, alpha=8))
         s.model.eval()
         out[name] = s
     return out
@@ -44,8 +51,9 @@ def students(tmp_path_factory):
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     paths = []
+    sizes = ((32, 32), (40, 24), (32, 32), (16, 64), (48, 32), (32, 32), (24, 48))  # Qwen / NeXT: different grids
     for i, colour in enumerate(("red", "blue", "green", "white", "black", "yellow", "purple")):
-        img = Image.new("RGB", (32, 32), colour)
+        img = Image.new("RGB", sizes[i], colour)
         img.paste((255, 255, 0) if i % 2 else (0, 0, 255), (4 + i, 4, 12 + i, 12))
         img.save(root / f"{i}.png")
         paths.append(str(root / f"{i}.png"))
@@ -53,7 +61,8 @@ def images(tmp_path_factory):
 
 
 def records(name: str, images: list[str]) -> list[Record]:
-    return [Record(f"r{i}", p, images[i] if name == "llava" else None, "5")
+    """One record per prompt; vision students get an image on every prompt but one (text only beside images)."""
+    return [Record(f"r{i}", p, images[i] if name not in TEXT and i != 2 else None, "5")
             for i, p in enumerate(PROMPTS)]
 
 
@@ -77,7 +86,7 @@ class SampleBatchCalls:
         monkeypatch.setattr(student, "sample_batch", wrapped)
 
 
-@pytest.mark.parametrize("name", ["llama", "llava"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_batched_answers_equal_one_at_a_time(name, students, images):
     student = students[name]
     recs = records(name, images)
@@ -87,7 +96,44 @@ def test_batched_answers_equal_one_at_a_time(name, students, images):
         assert student.generate(recs, M, batch_size=bs) == want, bs
 
 
-@pytest.mark.parametrize("name", ["llama", "llava"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefixes_built_together_equal_one_at_a_time(name, students, images):
+    """`prefixes`: the same token ids, model inputs and image features as `prefix` per prompt, from one vision
+    pass over the batch's images (vision_calls counts the images); given features skip the vision pass."""
+    student = students[name]
+    recs = records(name, images)
+    passes = []
+    towers = [m for n, m in student.model.named_modules() if n.split(".")[-1] == student.family.vision_module]
+    handle = towers[0].register_forward_hook(lambda *_: passes.append(1)) if student.is_vision else None
+    before = student.vision_calls
+    with torch.no_grad():
+        together = student.prefixes([r.prompt for r in recs], [r.image for r in recs])
+    n_images = sum(r.image is not None for r in recs)
+    assert student.vision_calls - before == n_images and len(passes) == (1 if n_images else 0)
+    with torch.no_grad():
+        alone = [student.prefix(r.prompt, r.image) for r in recs]
+        again = student.prefixes([r.prompt for r in recs], [r.image for r in recs], [p.image_features for p in alone])
+    if handle is not None:
+        handle.remove()
+    assert student.vision_calls - before == 2 * n_images  # `again` encoded nothing
+    for a, b, c in zip(together, alone, again):
+        assert torch.equal(a.input_ids, b.input_ids) and a.next_position == b.next_position
+        assert a.model_kwargs.keys() == b.model_kwargs.keys() == c.model_kwargs.keys()
+        for k, v in b.model_kwargs.items():
+            if torch.is_tensor(v):
+                assert torch.equal(a.model_kwargs[k], v) and torch.equal(c.model_kwargs[k], v), k
+        if b.image_features is None:
+            assert a.image_features is None and c.image_features is None
+        else:
+            fa, fb = a.image_features.pooler_output, b.image_features.pooler_output
+            assert len(fa) == len(fb) == 1 and fa[0].shape == fb[0].shape
+            assert torch.allclose(fa[0], fb[0], rtol=0, atol=1e-5)
+            assert c.image_features is b.image_features
+    with pytest.raises(ValueError, match="one image and one features entry per prompt"):
+        student.prefixes(["a", "b"], [None])
+
+
+@pytest.mark.parametrize("name", ["llama", "llava", "qwen2_vl"])
 def test_evaluate_honours_batch_size(name, students, images, monkeypatch, tmp_path):
     student = students[name]
     recs = records(name, images)
@@ -146,11 +192,12 @@ class FakeDist:
         return self.parts
 
 
-def test_generate_sharded_decodes_in_batches_in_lockstep(students, images, monkeypatch):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_sharded_decodes_in_batches_in_lockstep(name, students, images, monkeypatch):
     """7 records over 3 processes: shards of 3, 2, 2 padded to 3 slots each; batch 2 -> every process makes
     the same calls (sizes [2, 1]); process 0 gets every answer in record order, equal to one at a time."""
-    student = students["llava"]
-    recs = records("llava", images)
+    student = students[name]
+    recs = records(name, images)
     calls = SampleBatchCalls(student, monkeypatch)
     parts: list = [None] * 3
     sizes = []
@@ -198,3 +245,14 @@ def test_pipeline_eval_also_scores_the_first_training_prompts(monkeypatch, tmp_p
     assert calls == [(["a"], tmp_path), (["t0", "t1"], None)]   # training answers are never written as predictions
     calls.clear()   # sharded runs pass the held-out answers: no extra decode of training prompts there
     assert _eval(None, prep, tmp_path, False, answers=["r"]) == {"accuracy": 0.25, "n": 1}
+
+
+def test_eval_speed_bench_measures_both_side_by_side(students, images):
+    """bench/eval_speed.py's measurement on a tiny student: both timings, their ratio, the same answers."""
+    from bench.eval_speed import measure
+
+    recs = records("llava", images)
+    res = measure(students["llava"], recs, M, batch=4, reps=2, warmup=0)
+    assert res["n"] == 7 and res["batch"] == 4 and res["same_answers"] is True
+    assert res["one_ms"] > 0 and res["batched_ms"] > 0 and res["prefixes_ms"] > 0 and res["decode_ms"] > 0
+    assert res["speedup_min"] <= res["speedup_median"] <= res["speedup_max"]

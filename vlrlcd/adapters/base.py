@@ -4,6 +4,7 @@ Every computation over a prompt's K candidates runs the prompt prefix (image fea
 once, then the K continuations as one batch on top of the shared prefix key/value cache. The image
 goes through the vision tower once per prompt (`image_features`), and the result is reused by every
 prefix built from that image (the policy prompt, the scoring prompt, the policy and reference passes).
+Prompts built together (`prefixes`, e.g. an evaluation batch) share one processor call and one vision pass.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from vlrlcd.adapters.cache import cache_kwargs, expand_cache, output_cache
-from vlrlcd.adapters.families import Family
+from vlrlcd.adapters.families import Family, counted_positions, image_row
 from vlrlcd.errors import VlrlcdError
 
 REFERENCE_ADAPTER = "sft"
@@ -102,34 +103,69 @@ class StudentAdapter:
                features: Any = None) -> Prefix:
         """Tokenize `prompt` (with its image) through the chat template; the vision tower runs only
         when `features` from an earlier prefix over the same image are not given."""
-        if image is not None and not self.is_vision:
-            raise VlrlcdError(
-                f"student {self.name_or_path} is a text-only model ({self.family.name}) but the record has an "
-                "image; use a vision-language checkpoint or a text-only dataset"
-            )
-        if not prompt or not prompt.strip():
-            raise VlrlcdError("empty prompt: every record needs a non-empty prompt")
-        img = self.load_image(image)
-        input_ids, model_kwargs, pixel_inputs = self.family.build_prompt(self, prompt, img)
-        device = self.device
-        input_ids = input_ids.to(device)
-        model_kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
-        if img is not None:
-            pixel_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pixel_inputs.items()}
-            if features is None:
-                features = self.image_features(pixel_inputs)
-            model_kwargs.update(self.family.feature_kwargs(features, pixel_inputs))
-        next_position = None
-        if self.family.positions is not None:
-            model_kwargs["position_ids"], next_position = self.family.positions(self.model, input_ids, model_kwargs)
-        return Prefix(input_ids, model_kwargs, features, next_position)
+        return self.prefixes([prompt], [image], [features])[0]
 
-    def image_features(self, pixel_inputs: dict[str, torch.Tensor]) -> Any:
-        """The one vision-tower pass for an image (gradient only if the projector is trained); only the
-        projected features are kept (not the tower's hidden states)."""
+    def prefixes(self, prompts: list[str], images: list | None = None, features: list | None = None) -> list[Prefix]:
+        """`[prefix(prompts[i], images[i], features[i])]` built together: one processor call and one vision-tower
+        pass over the images whose `features` are not given (instead of one of each per prompt)."""
+        n = len(prompts)
+        images = list(images) if images is not None else [None] * n
+        features = list(features) if features is not None else [None] * n
+        if len(images) != n or len(features) != n:
+            raise ValueError(f"one image and one features entry per prompt: {len(images)}, {len(features)} for {n}")
+        for prompt, image in zip(prompts, images):
+            if image is not None and not self.is_vision:
+                raise VlrlcdError(
+                    f"student {self.name_or_path} is a text-only model ({self.family.name}) but the record has an "
+                    "image; use a vision-language checkpoint or a text-only dataset"
+                )
+            if not prompt or not prompt.strip():
+                raise VlrlcdError("empty prompt: every record needs a non-empty prompt")
+        imgs = [self.load_image(im) for im in images]
+        has = [imgs[i] is not None and features[i] is not None for i in range(n)]
+        given = [i for i in range(n) if has[i]]
+        encode = [i for i in range(n) if not has[i]]  # text only, or an image to encode
+        out: list[Prefix | None] = [None] * n
+        for group, feats in ((encode, None), (given, [features[i] for i in given])):
+            if group:
+                for i, prefix in zip(group, self._build([prompts[i] for i in group], [imgs[i] for i in group], feats)):
+                    out[i] = prefix
+        return out  # type: ignore[return-value]
+
+    def _build(self, prompts: list[str], imgs: list, features: list | None) -> list[Prefix]:
+        """Prefixes of prompts built in one processor call; their images' features are `features` or, when None,
+        one vision pass over all their images."""
+        rows, pixels = self.family.build_prompts(self, prompts, imgs)
+        device = self.device
+        pixels = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pixels.items()}
+        if features is None and pixels:
+            batch = self.image_features(pixels, sum(im is not None for im in imgs))
+            features = [None] * len(imgs)
+            for j, i in enumerate(i for i, im in enumerate(imgs) if im is not None):
+                features[i] = type(batch)(pooler_output=[batch.pooler_output[j]])
+        out, j = [], 0
+        for i, (input_ids, model_kwargs) in enumerate(rows):
+            input_ids = input_ids.to(device)
+            model_kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
+            feats = None
+            if imgs[i] is not None:
+                feats = features[i]
+                model_kwargs.update(self.family.feature_kwargs(feats, image_row(pixels, j)))
+                j += 1
+            next_position = None
+            if self.family.positions is not None:
+                pos, nxt = self.family.positions(self.model, input_ids, torch.ones_like(input_ids), model_kwargs)
+                model_kwargs["position_ids"], next_position = pos, int(nxt[0])
+            out.append(Prefix(input_ids, model_kwargs, feats, next_position))
+        return out
+
+    def image_features(self, pixel_inputs: dict[str, torch.Tensor], images: int = 1) -> Any:
+        """The one vision-tower pass over `images` images (gradient only if the projector is trained); only the
+        projected features are kept (not the tower's hidden states), one pooler_output entry per image.
+        `vision_calls` counts the images encoded."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        self.vision_calls += 1
+        self.vision_calls += images
         out = self.family.image_features(self.model, pixel_inputs)
         return BaseModelOutputWithPooling(pooler_output=out.pooler_output)
 
@@ -228,6 +264,8 @@ class StudentAdapter:
             attn[i, : len(s)] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
+        if self.family.positions is not None:  # the responses' tokens are text: they continue each prompt's positions
+            kwargs["position_ids"], _ = self.family.positions(self.model, ids, attn, kwargs)
         resp_ids, mask = self._pad(responses)
         T = resp_ids.shape[1]
         starts = torch.tensor([p.input_ids.shape[1] - 1 for p in prefixes], device=ids.device)
@@ -274,14 +312,6 @@ class StudentAdapter:
             cache, logits = output_cache(out), out.logits[:, -1, :]
         return self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(k)])
 
-    def batchable(self, prefixes: list[Prefix]) -> bool:
-        """Whether `sample_batch` decodes these prefixes together: families whose positions the model counts
-        from position_ids (text, LLaVA, LLaVA-NeXT). Qwen2-VL's 3-D mrope positions are per prefix
-        (`Prefix.next_position`) and its image-token types assume right padding: those sample one by one."""
-        return self.family.positions is None and all(
-            p.next_position is None and "position_ids" not in p.model_kwargs and "mm_token_type_ids" not in p.model_kwargs
-            for p in prefixes)
-
     @torch.no_grad()
     def sample_batch(self, prefixes: list[Prefix], k: int, max_new_tokens: int, temperature: float = 1.0,
                      generators: list[torch.Generator | None] | None = None) -> list[list[list[int]]]:
@@ -292,15 +322,15 @@ class StudentAdapter:
         token for the whole batch instead of one per token per prompt. Prompt i's K tokens are drawn with its
         own generator from its own [K, V] probabilities, exactly as `sample` draws them, so its candidates
         depend on (prefix i, generator i) only — not on the other prompts (up to the ~1e-6 change left padding
-        makes to the logits). Families that need per-prefix explicit positions (`batchable`) sample one by one."""
+        makes to the logits). Qwen2(.5)-VL too: its 3-D positions come from its rope index given the mask."""
         n = len(prefixes)
         gens = list(generators) if generators is not None else [None] * n
         if len(gens) != n:
             raise ValueError(f"one generator per prefix: {len(gens)} for {n} prefixes")
         if n == 0 or k == 0:
             return [[] for _ in prefixes]
-        if n == 1 or not self.batchable(prefixes):
-            return [self.sample(p, k, max_new_tokens, temperature, g) for p, g in zip(prefixes, gens)]
+        if n == 1:
+            return [self.sample(prefixes[0], k, max_new_tokens, temperature, gens[0])]
         device = self.device
         cache, logits, attn, next_pos = self._left_padded_prefix(prefixes, [k] * n)  # rows i·K .. i·K+K-1
         eos = torch.tensor(self.eos_ids, device=device)
@@ -329,10 +359,11 @@ class StudentAdapter:
         return [rows[i * k:(i + 1) * k] for i in range(n)]
 
     def _left_padded_prefix(self, prefixes: list[Prefix], repeats: list[int]):
-        """One left-padded [N, L] pass over the prefixes (attention mask; positions counted over real tokens, so
-        every prompt's last token sits at column L - 1 with its own position). Returns the cache, the last
-        logits [R, V] and the attention mask [R, L] with row i repeated repeats[i] times (R = Σ repeats), and
-        each row's position of the first continuation token [R]. Gradient flows when grad is enabled."""
+        """One left-padded [N, L] pass over the prefixes (attention mask; positions counted over real tokens, or
+        Qwen2(.5)-VL's 3-D ones from its rope index given the mask, so every prompt's last token sits at column
+        L - 1 with its own position). Returns the cache, the last logits [R, V] and the attention mask [R, L] with
+        row i repeated repeats[i] times (R = Σ repeats), and each row's position of the first continuation token
+        [R]. Gradient flows when grad is enabled."""
         device = self.device
         lens = [p.input_ids.shape[1] for p in prefixes]
         n, L = len(prefixes), max(lens)
@@ -341,12 +372,19 @@ class StudentAdapter:
         for i, p in enumerate(prefixes):
             ids[i, L - lens[i]:] = p.input_ids[0]
             attn[i, L - lens[i]:] = 1
-        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                         use_cache=True, logits_to_keep=1, **kwargs)
+        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L, left=True)
+        if self.family.positions is None:
+            pos, next_pos = counted_positions(attn)
+        else:  # Qwen2(.5)-VL: 3-D positions from the model's own rope index over the real tokens
+            pos, next_pos = self.family.positions(self.model, ids, attn, kwargs)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **kwargs)
+        cache, last = output_cache(out), out.logits[:, -1, :]
+        if all(r == 1 for r in repeats):  # one row per prompt (greedy evaluation): nothing to repeat
+            return cache, last, attn, next_pos
         reps = torch.tensor(repeats, device=device)
-        return (_repeat_cache(output_cache(out), reps), out.logits[:, -1, :].repeat_interleave(reps, dim=0),
-                attn.repeat_interleave(reps, dim=0), torch.tensor(lens, device=device).repeat_interleave(reps))
+        return (_repeat_cache(cache, reps), last.repeat_interleave(reps, dim=0), attn.repeat_interleave(reps, dim=0),
+                next_pos.repeat_interleave(reps))
 
     def token_logprobs_batch(self, prefixes: list[Prefix], responses: list[list[list[int]]]) -> list[TokenLogprobs]:
         """`[token_logprobs(prefixes[i], responses[i])]` in two forwards for all of them (grad if grad is enabled).
@@ -356,13 +394,12 @@ class StudentAdapter:
         rows (continuation positions counted on from each prompt's real length). Each prompt gets its own [K_i,
         T_i] slice, equal to its `token_logprobs` up to the ~1e-6 left padding makes. Under `lockstep` the
         continuation pass always runs (as in token_logprobs); with checkpointing one full-sequence
-        `batch_token_logprobs`; families that `batchable` rejects (per-prefix positions) run prompt by prompt.
-        A prompt with no response gets empty [0, 0] tensors and adds no row."""
+        `batch_token_logprobs`. A prompt with no response gets empty [0, 0] tensors and adds no row."""
         if len(prefixes) != len(responses):
             raise ValueError(f"one list of responses per prefix: {len(responses)} for {len(prefixes)} prefixes")
         used = [i for i, rs in enumerate(responses) if rs]
         out = [self._empty_logprobs() for _ in prefixes]
-        if len(used) <= 1 or not self.batchable([prefixes[i] for i in used]):
+        if len(used) <= 1:
             for i in used:
                 out[i] = self.token_logprobs(prefixes[i], responses[i])
             return out
@@ -407,13 +444,15 @@ class StudentAdapter:
 
     @torch.no_grad()
     def generate(self, records: list, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-        """Greedy answers for records (anything with `.prompt` and `.image`), `batch_size` prompts per batched
-        decode (`sample_batch`; one by one for families it cannot batch)."""
+        """Greedy answers for records (anything with `.prompt` and `.image`), `batch_size` prompts per batch: their
+        prefixes built together (`prefixes`: one processor call, one vision pass), then one batched decode
+        (`sample_batch`)."""
         if batch_size < 1:
             raise VlrlcdError(f"batch_size must be >= 1 (eval.batch_size), got {batch_size}")
         answers: list[str] = []
         for start in range(0, len(records), batch_size):
-            prefixes = [self.prefix(r.prompt, r.image) for r in records[start:start + batch_size]]
+            chunk = records[start:start + batch_size]
+            prefixes = self.prefixes([r.prompt for r in chunk], [r.image for r in chunk])
             rows = self.sample_batch(prefixes, 1, max_new_tokens, temperature=0.0)
             answers += [self.decode(k_rows[0]) for k_rows in rows]
         return answers

@@ -30,18 +30,39 @@ class Family:
     auto_class: str                 # transformers auto class used to load
     projector: str | None           # module name of the vision -> language projector
     vision_module: str | None       # module name of the vision tower (what a test hooks to count passes)
-    build_prompt: Callable          # (adapter, prompt, image) -> (input_ids [1,P], model_kwargs, pixel_inputs)
-    image_features: Callable        # (model, pixel_inputs) -> features
+    build_prompts: Callable         # (adapter, prompts, images) -> ([(input_ids [1,P], model_kwargs)] per prompt,
+                                    #    pixel inputs of the prompts' images, in order, for one vision pass)
+    image_features: Callable        # (model, pixel_inputs) -> features, pooler_output one entry per image
     feature_kwargs: Callable        # (features, pixel_inputs) -> model kwargs that replace the vision pass
-    merge_kwargs: Callable          # (list of prefix model_kwargs, padded length) -> kwargs for one batch
-    positions: Callable | None = None  # (model, input_ids, model_kwargs) -> (position_ids, next position) or None
+    merge_kwargs: Callable          # (list of prefix model_kwargs, padded length, left) -> kwargs for one batch
+    positions: Callable | None = None  # (model, input_ids [N,L], attention_mask [N,L], model_kwargs) ->
+                                       #    (position_ids [3,N,L], next position [N]); None: counted over real tokens
+
+    def build_prompt(self, adapter, prompt: str, image) -> tuple[torch.Tensor, dict, dict]:
+        """One prompt: (input_ids [1,P], model_kwargs, pixel_inputs of its image or {})."""
+        rows, pixels = self.build_prompts(adapter, [prompt], [image])
+        return rows[0][0], rows[0][1], pixels
 
     def default_targets(self) -> str | list[str]:
         return _lm_only(_LM_LINEAR) if self.vision else list(_LM_LINEAR)
 
 
-def _merge_mm(kwargs_list: list[dict], length: int) -> dict:
-    """Batch several prefixes' image features (in batch order, as the model scatters them)."""
+PER_IMAGE_KEYS = ("image_sizes", "image_grid_thw")  # pixel inputs with one row per image (what feature_kwargs reads)
+
+
+def image_row(pixel_inputs: dict, j: int) -> dict:
+    """Image j's rows of a batch's per-image pixel inputs (sizes, grids)."""
+    return {k: pixel_inputs[k][j:j + 1] for k in PER_IMAGE_KEYS if pixel_inputs.get(k) is not None}
+
+
+def counted_positions(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D positions counted over real tokens [N, L] (pads 0) and each row's next position [N] (its length)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0), attention_mask.sum(-1)
+
+
+def _merge_mm(kwargs_list: list[dict], length: int, left: bool = False) -> dict:
+    """Batch several prefixes' image features (in batch order, as the model scatters them); token types padded
+    to `length` on the right (or the `left`, for a left-padded batch)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     feats = [k["mm_encoder_outputs"]["image"].pooler_output for k in kwargs_list if "mm_encoder_outputs" in k]
@@ -60,17 +81,18 @@ def _merge_mm(kwargs_list: list[dict], length: int) -> dict:
         rows = torch.zeros(len(kwargs_list), length, dtype=torch.long, device=present[0].device)
         for i, t in enumerate(types):
             if t is not None:
-                rows[i, : t.shape[1]] = t[0]
+                start = length - t.shape[1] if left else 0
+                rows[i, start:start + t.shape[1]] = t[0]
         out["mm_token_type_ids"] = rows
     return out
 
 
-def _no_merge(kwargs_list: list[dict], length: int) -> dict:
+def _no_merge(kwargs_list: list[dict], length: int, left: bool = False) -> dict:
     return {}
 
 
 # ------------------------------------------------------------------ text
-def _text_prompt(adapter, prompt: str, image):
+def _text_prompt(adapter, prompt: str, image=None):
     tok = adapter.tokenizer
     if tok.chat_template:
         ids = tok.apply_chat_template(
@@ -81,6 +103,10 @@ def _text_prompt(adapter, prompt: str, image):
     else:
         ids = tok(prompt + "\n", add_special_tokens=True)["input_ids"]
     return torch.tensor([list(ids)], dtype=torch.long), {}, {}
+
+
+def _text_prompts(adapter, prompts: list[str], images):
+    return [_text_prompt(adapter, p)[:2] for p in prompts], {}
 
 
 def _no_features(model, pixel_inputs):  # pragma: no cover - prefix() refuses images for text students
@@ -102,8 +128,10 @@ def _config_id(adapter, *keys: str) -> int | None:
     return None
 
 
-def _vlm_prompt(pixel_keys: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
-    def build(adapter, prompt: str, image):
+def _vlm_prompts(pixel_keys: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
+    """Build several prompts (each with its image or none) in one processor call: the texts unpadded (one row
+    per prompt, exactly as alone), the images' pixel inputs batched in prompt order."""
+    def build(adapter, prompts: list[str], images: list):
         proc = adapter.processor
         if proc is None or getattr(proc, "image_processor", None) is None:
             raise VlrlcdError(
@@ -113,48 +141,56 @@ def _vlm_prompt(pixel_keys: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
             )
         if getattr(proc, "chat_template", None) is None and getattr(adapter.tokenizer, "chat_template", None) is None:
             raise VlrlcdError(f"{adapter.name_or_path}: the processor has no chat template; add one to its files")
-        text = proc.apply_chat_template(_vlm_messages(prompt, image), add_generation_prompt=True, tokenize=False)
         placeholder = getattr(proc, "image_token", None)
-        if image is not None and isinstance(placeholder, str) and placeholder not in text:
-            raise VlrlcdError(
-                f"{adapter.name_or_path}: the prompt has no image placeholder '{placeholder}' after the chat "
-                "template; the template must emit it for {'type': 'image'} content (check chat_template.jinja)"
-            )
-        try:
-            enc = proc(images=[image] if image is not None else None, text=[text], return_tensors="pt")
+        texts = []
+        for prompt, image in zip(prompts, images):
+            text = proc.apply_chat_template(_vlm_messages(prompt, image), add_generation_prompt=True, tokenize=False)
+            if image is not None and isinstance(placeholder, str) and placeholder not in text:
+                raise VlrlcdError(
+                    f"{adapter.name_or_path}: the prompt has no image placeholder '{placeholder}' after the chat "
+                    "template; the template must emit it for {'type': 'image'} content (check chat_template.jinja)"
+                )
+            texts.append(text)
+        present = [im for im in images if im is not None]
+        try:  # token ids as unpadded lists (no pad token needed), pixels as one batch
+            enc = proc(images=present or None, text=texts, text_kwargs={"return_tensors": None},
+                       images_kwargs={"return_tensors": "pt"})
         except ValueError as e:
             raise VlrlcdError(
                 f"{adapter.name_or_path}: the processor rejected the prompt ({str(e).splitlines()[0][:200]}); "
                 "check that its chat template emits the image placeholder for {'type': 'image'} content"
             ) from None
-        input_ids = enc["input_ids"]
         img_tok = _config_id(adapter, "image_token_id", "image_token_index")
-        if image is not None and img_tok is not None and not bool((input_ids == img_tok).any()):
-            raise VlrlcdError(
-                f"{adapter.name_or_path}: the prompt has no image placeholder (token id {img_tok}) after the "
-                "chat template; the template must emit the image token for {'type': 'image'} content"
-            )
-        kwargs = {k: enc[k] for k in extra_keys if k in enc}
-        pixels = {k: enc[k] for k in pixel_keys if k in enc} if image is not None else {}
-        return input_ids, kwargs, pixels
+        rows = []
+        for i, image in enumerate(images):
+            input_ids = torch.tensor([list(enc["input_ids"][i])], dtype=torch.long)
+            if image is not None and img_tok is not None and not bool((input_ids == img_tok).any()):
+                raise VlrlcdError(
+                    f"{adapter.name_or_path}: the prompt has no image placeholder (token id {img_tok}) after the "
+                    "chat template; the template must emit the image token for {'type': 'image'} content"
+                )
+            kwargs = {k: torch.tensor([list(enc[k][i])], dtype=torch.long) for k in extra_keys if k in enc}
+            rows.append((input_ids, kwargs))
+        pixels = {k: torch.as_tensor(enc[k]) for k in pixel_keys if k in enc} if present else {}
+        return rows, pixels
 
     return build
 
 
-def _qwen_prompt(adapter, prompt: str, image):
+def _qwen_prompts(adapter, prompts: list[str], images: list):
     """Like the other VLMs, plus `mm_token_type_ids` (1 on image tokens): Qwen2-VL's 3-D positions need it
     and Qwen2.5-VL computes silently wrong positions without it. Derived from the image token when an
     older processor does not return it."""
-    input_ids, kwargs, pixels = _vlm_prompt(("pixel_values", "image_grid_thw"), ("mm_token_type_ids",))(
-        adapter, prompt, image)
-    if "mm_token_type_ids" not in kwargs:
-        types = torch.zeros_like(input_ids)
-        for value, key in ((1, "image_token_id"), (2, "video_token_id")):
-            tok = _config_id(adapter, key)
-            if tok is not None:
-                types[input_ids == tok] = value
-        kwargs["mm_token_type_ids"] = types
-    return input_ids, kwargs, pixels
+    rows, pixels = _vlm_prompts(("pixel_values", "image_grid_thw"), ("mm_token_type_ids",))(adapter, prompts, images)
+    for input_ids, kwargs in rows:
+        if "mm_token_type_ids" not in kwargs:
+            types = torch.zeros_like(input_ids)
+            for value, key in ((1, "image_token_id"), (2, "video_token_id")):
+                tok = _config_id(adapter, key)
+                if tok is not None:
+                    types[input_ids == tok] = value
+            kwargs["mm_token_type_ids"] = types
+    return rows, pixels
 
 
 def _image_features(model, pixel_inputs):
@@ -180,34 +216,37 @@ def _inner_qwen(model):
     return m.model if hasattr(m.model, "get_rope_index") else m
 
 
-def _qwen_positions(model, input_ids: torch.Tensor, model_kwargs: dict) -> tuple[torch.Tensor, int]:
-    """The prefix's 3-D (temporal, height, width) rope positions [3, 1, P] and the position of the next
-    token, computed once here so the continuations on the shared cache never depend on the model's
-    cached `rope_deltas` (which belong to whatever prompt it saw last, at its batch size).
+def _qwen_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    model_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3-D (temporal, height, width) rope positions [3, N, L] of a (padded) batch of prompts from the model's
+    own `get_rope_index` given the attention mask (pads get 0), and each row's next position [N]. Computed here,
+    so the continuations on a shared cache never depend on the model's cached `rope_deltas` (which belong to
+    whatever prompts it saw last, at their batch size).
 
-    Text after the image continues from max(position) + 1, i.e. next = P + rope_delta (rope_delta < 0
-    when an image's h·w tokens take only max(h, w) positions)."""
+    Text after an image continues from max(position) + 1 = length + rope_delta (rope_delta < 0 when an image's
+    h·w tokens take only max(h, w) positions)."""
     types = model_kwargs.get("mm_token_type_ids")
-    P = input_ids.shape[1]
-    if types is None or not bool(types.any()):
-        return torch.arange(P, device=input_ids.device).view(1, 1, P).expand(3, 1, P), P
+    if types is None or not bool(types.any()):  # no image in the batch: plain 1-D positions
+        pos, nxt = counted_positions(attention_mask)
+        return pos[None].expand(3, -1, -1), nxt
     pos, delta = _inner_qwen(model).get_rope_index(
-        input_ids, mm_token_type_ids=types, image_grid_thw=model_kwargs.get("image_grid_thw"))
-    return pos, P + int(delta.reshape(-1)[0])
+        input_ids, mm_token_type_ids=types, image_grid_thw=model_kwargs.get("image_grid_thw"),
+        attention_mask=attention_mask)
+    return pos, attention_mask.sum(-1) + delta.reshape(-1).to(attention_mask.device)
 
 
 FAMILIES: dict[str, Family] = {
-    "text": Family("text", False, "AutoModelForCausalLM", None, None, _text_prompt, _no_features,
+    "text": Family("text", False, "AutoModelForCausalLM", None, None, _text_prompts, _no_features,
                    lambda f, p: {}, _no_merge),
     "llava": Family("llava", True, "AutoModelForImageTextToText", "multi_modal_projector", "vision_tower",
-                    _vlm_prompt(("pixel_values",)), _image_features, _mm_kwargs, _merge_mm),
+                    _vlm_prompts(("pixel_values",)), _image_features, _mm_kwargs, _merge_mm),
     "llava_next": Family("llava_next", True, "AutoModelForImageTextToText", "multi_modal_projector", "vision_tower",
-                         _vlm_prompt(("pixel_values", "image_sizes")), _image_features, _llava_next_kwargs,
+                         _vlm_prompts(("pixel_values", "image_sizes")), _image_features, _llava_next_kwargs,
                          _merge_mm),
     "qwen2_vl": Family("qwen2_vl", True, "AutoModelForImageTextToText", "merger", "visual",
-                       _qwen_prompt, _image_features, _qwen_kwargs, _merge_mm, _qwen_positions),
+                       _qwen_prompts, _image_features, _qwen_kwargs, _merge_mm, _qwen_positions),
     "qwen2_5_vl": Family("qwen2_5_vl", True, "AutoModelForImageTextToText", "merger", "visual",
-                         _qwen_prompt, _image_features, _qwen_kwargs, _merge_mm, _qwen_positions),
+                         _qwen_prompts, _image_features, _qwen_kwargs, _merge_mm, _qwen_positions),
 }
 
 _MODEL_TYPE_TO_FAMILY = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl",
