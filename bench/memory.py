@@ -202,7 +202,7 @@ def measure(model_dir: str, quantization: str, k: int, batch: int, max_new_token
     load_s = time.perf_counter() - t0
     model = step.student.model
     params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in step.params)
+    trainable = sum(p.numel() for p in step.run.params)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     load_peak = _status_kb("VmHWM")   # VmHWM starts at exec; ru_maxrss would carry the parent's peak over
     _release()

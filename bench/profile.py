@@ -19,10 +19,10 @@ OURS_PHASES = [
     ("rollout: sample K", "vlrlcd/adapters/base.py", "sample_batch"),
     ("rollout: score K+1 (ranking, all groups batched)", "vlrlcd/ranking/scorers.py", "self_likelihood_batch"),
     ("loss: policy + reference log-probs (all groups batched)", "vlrlcd/training/steps.py", "batched_passes"),
-    ("loss: group losses from their slices", "vlrlcd/training/steps.py", "ldl_grpo_group_loss"),
+    ("loss: group losses from their slices", "vlrlcd/methods/ldl_grpo.py", "group_loss"),
     ("vision tower", "vlrlcd/adapters/base.py", "image_features"),
     ("backward", "torch/autograd/graph.py", "_engine_run_backward"),
-    ("optimizer step", "vlrlcd/training/common.py", "clipped_step"),
+    ("optimizer step (+ gradient sum over processes)", "vlrlcd/training/common.py", "finish_step"),
 ]
 TRL_PHASES = [
     ("generate (HF generate, B*K rows)", "trl/trainer/grpo_trainer.py", "_generate_single_turn"),

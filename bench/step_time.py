@@ -4,11 +4,11 @@ Both trainers start from the same saved tiny student, get the same B prompts eve
 prompt, the same max completion length, LoRA on the same modules, fp32 on CPU, the same KL weight β to the
 LoRA-disabled reference, AdamW with the same learning rate and gradient clipping.
 
-- vlrlcd (A): exactly the body of `vlrlcd.training.rl.train_rl` for one step: `rollout_batch` over the step's
-  prompts (K samples of every prompt in one batched decode, all groups scored in one batched pass of the
-  student's anchor-conditioned self-likelihood, D_x), then `losses_and_backward` (one batched policy and one
-  batched reference log-prob pass over all groups, each group's `GROUP_LOSSES["ldl_grpo"]` from its slice, one
-  backward); then `clipped_step`.
+- vlrlcd (A): `vlrlcd.training.rl.rl_step`, the step `train_rl` runs: `rollout_batch` over the step's prompts
+  (K samples of every prompt in one batched decode, all groups scored in one batched pass of the student's
+  anchor-conditioned self-likelihood, D_x, under the run's autocast), then `losses_and_backward` (one batched
+  policy and one batched reference log-prob pass over all groups, each group's ldl_grpo loss from its slice,
+  one backward), then `finish_step` (the clipped optimizer step). Only the loop's logging is left out.
 - TRL (B): `GRPOTrainer.train()`, timed from `on_step_begin` to `on_step_end` (generation, reward, reference
   and policy passes, backward, clip, optimizer step). Its reward function is the same scorer vlrlcd ranks
   with (self-likelihood of each completion given the anchor, minus the anchor's own), run on TRL's model:
@@ -90,45 +90,26 @@ def train_config(spec: RowSpec) -> TrainConfig:
 
 
 class OursStep:
-    """One step of `vlrlcd.training.rl.train_rl` (same calls, no logging) on a fixed batch."""
+    """`vlrlcd.training.rl.rl_step` (the step train_rl runs, without its logging) on a fixed batch."""
 
     def __init__(self, w: Workload, spec: RowSpec, quantization: str = "none"):
         from vlrlcd.adapters.loader import load_student
-        from vlrlcd.training.common import make_optimizer
-        from vlrlcd.training.distributed import single_process
-        from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+        from vlrlcd.training.rl import rl_setup
 
         self.w, self.spec = w, spec
-        self.cfg, self.rcfg = train_config(spec), RankingConfig()
         self.student = load_student(student_config(w, quantization))
-        self.params = self.student.trainable_parameters()
-        self.opt, self.sched = make_optimizer(self.params, self.cfg.lr, self.cfg.weight_decay, self.cfg.rl_steps,
-                                              self.cfg.warmup_steps)
-        self.group_loss = GROUP_LOSSES["ldl_grpo"]
-        self.ctx = StepContext(step=0, total_steps=self.cfg.rl_steps, ranking=self.rcfg)
-        self.dist = single_process()
+        self.run = rl_setup(self.student, train_config(spec), RankingConfig(), spec.max_new_tokens, seed=spec.seed)
         self.batch = w.records[: spec.batch]
         self.step_index = 0
         self.last_tokens = 0
 
     def __call__(self) -> float:
-        from vlrlcd.training.common import clipped_step
-        from vlrlcd.training.rl import losses_and_backward
-        from vlrlcd.training.rollout import rollout_batch, sample_generator
+        from vlrlcd.training.rl import rl_step
 
         t0 = time.perf_counter()
-        student, cfg, step = self.student, self.cfg, self.step_index
-        self.ctx.step = step
-        student.model.eval()
-        groups = rollout_batch(student, self.batch, [self.w.anchors[r.id] for r in self.batch], cfg, self.rcfg,
-                               self.spec.max_new_tokens,
-                               [sample_generator(self.spec.seed, step, i) for i in range(len(self.batch))])
-        student.model.train()
-        losses_and_backward(student, groups, self.group_loss, cfg, self.ctx, len(self.batch), self.dist)
-        tokens = sum(len(c) for g in groups for c in g.candidates)
-        clipped_step(self.params, self.opt, self.sched, cfg.grad_clip)
+        result = rl_step(self.run, self.step_index, self.batch, [self.w.anchors[r.id] for r in self.batch])
         self.step_index += 1
-        self.last_tokens = tokens
+        self.last_tokens = sum(len(c) for g in result.groups for c in g.candidates)
         return time.perf_counter() - t0
 
 

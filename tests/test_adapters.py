@@ -22,7 +22,7 @@ from vlrlcd.ranking.scorers import self_likelihood
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rl import train_rl
 from vlrlcd.training.rollout import rollout, sample_generator
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+from vlrlcd.training.steps import StepContext, group_loss
 
 TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                   vision_hidden_size=32, vision_layers=1)
@@ -109,7 +109,7 @@ def test_family_loads_samples_scores_and_steps(name, ckpts, images):
 
     before = {n: p.detach().clone() for n, p in student.model.named_parameters()}
     student.model.train()
-    loss, metrics = GROUP_LOSSES["ldl_grpo"](student, group, cfg, StepContext(0, 1, rcfg))
+    loss, metrics = group_loss(student, group, cfg, StepContext(0, 1, rcfg))
     assert torch.isfinite(loss) and metrics["kl_ref"] >= 0
     loss.backward()
     params = student.trainable_parameters()

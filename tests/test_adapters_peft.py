@@ -16,7 +16,7 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rollout import rollout, sample_generator
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+from vlrlcd.training.steps import StepContext, group_loss
 
 TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                   vision_hidden_size=32, vision_layers=1)
@@ -108,7 +108,7 @@ def test_reference_is_the_frozen_sft_adapter(name, ckpts, image, tmp_path):
     student.model.eval()
     group = rollout(student, rec, "red", cfg, rcfg, 4, sample_generator(0, 0, 0))
     student.model.train()
-    loss, _ = GROUP_LOSSES["ldl_grpo"](student, group, cfg, StepContext(0, 1, rcfg))
+    loss, _ = group_loss(student, group, cfg, StepContext(0, 1, rcfg))
     loss.backward()
     assert all(p.grad is None for p in ref_params.values())
     torch.optim.SGD(student.trainable_parameters(), lr=1.0).step()

@@ -15,7 +15,7 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rollout import rollout, sample_generator
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+from vlrlcd.training.steps import StepContext, group_loss
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -48,7 +48,7 @@ def step_once(student, image: str | None) -> None:
     student.model.eval()
     group = rollout(student, rec, "red", cfg, rcfg, 3, sample_generator(0, 0, 0))
     student.model.train()
-    loss, _ = GROUP_LOSSES["ldl_grpo"](student, group, cfg, StepContext(0, 1, rcfg))
+    loss, _ = group_loss(student, group, cfg, StepContext(0, 1, rcfg))
     assert torch.isfinite(loss)
     loss.backward()
     torch.optim.SGD(student.trainable_parameters(), lr=0.5).step()

@@ -6,6 +6,8 @@ per-group path (group_chunk=1); a non-finite group is left out of the sum (kept 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +18,8 @@ from vlrlcd.adapters.loader import load_student
 from vlrlcd.adapters.tiny import BUILDERS
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.methods import get_method
+from vlrlcd.methods.base import Method
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.scorers import ScoreItem, self_likelihood, self_likelihood_batch
 from vlrlcd.training import sharding
@@ -24,7 +28,8 @@ from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist
 from vlrlcd.training.rl import losses_and_backward, train_rl
 from vlrlcd.training.rollout import rollout_batch, sample_generator
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext, batched_passes
+from vlrlcd.training.rollout import Group
+from vlrlcd.training.steps import StepContext, batched_passes, group_loss
 
 TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                   vision_hidden_size=32, vision_layers=1)
@@ -204,13 +209,15 @@ def test_one_batched_step_equals_the_per_group_step(objective, ckpts, sft_dir, t
     assert calls_b - calls_a == passes * 2 * (3 - 1)  # each kind: 2 forwards for the step instead of 2 per group
 
 
-def _poisoned(bad: int):
-    real = GROUP_LOSSES["ldl_grpo"]
+def _poisoned(bad: int) -> Method:
+    """ldl_grpo whose loss is NaN on prompt `bad`."""
+    real = get_method("ldl_grpo")
 
-    def loss_fn(student, group, cfg, ctx):
-        loss, m = real(student, group, cfg, ctx)
-        return (loss * float("nan") if group.record.id == RECORDS[bad].id else loss), m
-    return loss_fn
+    class Poisoned(type(real)):
+        def group_loss(self, student, group, passes, cfg, ctx):
+            loss, m = real.group_loss(student, group, passes, cfg, ctx)
+            return (loss * float("nan") if group.record.id == RECORDS[bad].id else loss), m
+    return Poisoned()
 
 
 def test_a_nan_group_is_left_out_of_the_batched_sum(ckpts, sft_dir):
@@ -225,11 +232,12 @@ def test_a_nan_group_is_left_out_of_the_batched_sum(ckpts, sft_dir):
     student.model.train()
     params = student.trainable_parameters()
     res = losses_and_backward(student, groups, _poisoned(1), cfg, ctx, 3, Dist())
-    assert [f for _, f in res] == [True, False, True] and all(not g.passes for g in groups)
+    # the passes are arguments of the group loss, never kept on a group (nothing holds the chunk's graph)
+    assert [f for _, f in res] == [True, False, True] and "passes" not in {f.name for f in dataclasses.fields(Group)}
     batched = [p.grad.clone() for p in params]
     student.model.zero_grad(set_to_none=True)
     for g in (groups[0], groups[2]):  # the finite groups alone, each with its own passes
-        loss, _ = GROUP_LOSSES["ldl_grpo"](student, g, cfg, ctx)
+        loss, _ = group_loss(student, g, cfg, ctx)
         (loss / 3).backward()
     assert all(torch.isfinite(a).all() and torch.allclose(a, p.grad, rtol=1e-4, atol=TOL) for a, p in zip(batched, params))
     student.model.zero_grad(set_to_none=True)
@@ -246,20 +254,22 @@ def test_batched_passes_fill_each_group_and_the_losses_read_them(ckpts, sft_dir)
     student.model.eval()
     groups = rollout_batch(student, RECORDS[:2], [ANCHORS[r.id] for r in RECORDS[:2]], cfg, rcfg, 4,
                            [sample_generator(0, 0, i) for i in range(2)])
+    rlsd = get_method("rlsd")
     with Forwards(student) as fw:
-        batched_passes(student, groups, cfg)
-    assert fw.calls == 6 and all(set(g.passes) == {"policy", "privileged", "reference"} for g in groups)
+        passes = batched_passes(student, groups, rlsd.passes(cfg))
+    assert fw.calls == 6 and all(set(p) == {"policy", "privileged", "reference"} for p in passes)
     ctx = StepContext(step=0, total_steps=1, ranking=rcfg)
     with Forwards(student) as fw:
-        for g in groups:
-            GROUP_LOSSES["rlsd"](student, g, cfg, ctx)
+        for g, p in zip(groups, passes):
+            rlsd.group_loss(student, g, p, cfg, ctx)
     assert fw.calls == 0  # the losses read the slices, no pass of their own
     # objectives over subsets of candidates batch nothing
     dpo = TrainConfig(objective="anchor_rank_dpo", k=2)
     fresh = rollout_batch(student, RECORDS[:2], [ANCHORS[r.id] for r in RECORDS[:2]], dpo, rcfg, 4,
                           [sample_generator(0, 0, i) for i in range(2)])
-    batched_passes(student, fresh, dpo)
-    assert all(not g.passes for g in fresh)
+    assert get_method("anchor_rank_dpo").passes(dpo) == ()
+    with Forwards(student) as fw:
+        assert batched_passes(student, fresh, ()) == [{}, {}] and fw.calls == 0
 
 
 def test_group_chunk_is_validated():

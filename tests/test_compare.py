@@ -29,7 +29,7 @@ def test_parse_objectives():
 
 def test_unusable_objective_fails_before_any_work(tmp_path):
     cfg = load_config(None, TINY + [f"run_dir={tmp_path / 'run'}"])
-    with pytest.raises(VlrlcdError, match="tvkd_teacher"):
+    with pytest.raises(VlrlcdError, match="train.tvkd_dpo.teacher"):
         run_compare(cfg, "sft2,tvkd_dpo", progress=False)
     assert not (tmp_path / "run").exists()
 

@@ -61,3 +61,30 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(VlrlcdError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_method_sections_and_the_flat_keys_they_replace(tmp_path):
+    """A method's keys live in train.<section>.*; every flat key of earlier versions is refused in one line
+    that names its new key, from an override and from a recipe alike."""
+    from vlrlcd.training.config import TrainConfig
+
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  objective: tvkd_dpo\n  tvkd_dpo: {teacher: /models/t, topk: 8}\n  grpo: {loss_type: bnpo}\n")
+    cfg = load_config(p, ["train.rlsd.lambda0=0.5", "train.dpo.beta=0.2", "train.self_ppo.eps=0.1"])
+    t = cfg.train
+    assert (t.tvkd_dpo.teacher, t.tvkd_dpo.topk, t.grpo.loss_type) == ("/models/t", 8, "bnpo")
+    assert (t.rlsd.lambda0, t.dpo.beta, t.self_ppo.eps) == (0.5, 0.2, 0.1)
+    assert len(TrainConfig.RENAMED) == 16
+    for old, new in TrainConfig.RENAMED.items():
+        with pytest.raises(VlrlcdError) as e:
+            load_config(None, [f"train.{old}=1"])
+        assert str(e.value) == (f"config key 'train.{old}' is now 'train.{new}'; rename it in the recipe or the "
+                                "override")
+        value = {"grpo.loss_type": "bnpo", "grpo.scale_rewards": "false", "tvkd_dpo.teacher_quantization": "4bit",
+                 "rlsd.decay_steps": "3", "tvkd_dpo.topk": "3"}.get(new, "0.5")
+        load_config(None, [f"train.{new}={value}"])  # the new key exists
+    p.write_text("train:\n  tvkd_alpha: 2.0\n")
+    with pytest.raises(VlrlcdError, match=r"^config key 'train.tvkd_alpha' is now 'train.tvkd_dpo.alpha'"):
+        load_config(p)
+    with pytest.raises(VlrlcdError, match=r"train.grpo.loss_type 'ppo' is not one of"):
+        load_config(None, ["train.grpo.loss_type=ppo"])

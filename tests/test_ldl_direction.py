@@ -17,7 +17,7 @@ from vlrlcd.ranking.scorers import Scores
 from vlrlcd.datasets.records import Record
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rollout import Group
-from vlrlcd.training.steps import StepContext, ldl_grpo_group_loss
+from vlrlcd.training.steps import StepContext, group_loss
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_one_step_raises_high_d_candidates(paths, length_normalize, beta):
     before = seq_logp()
     opt = torch.optim.SGD(student.trainable_parameters(), lr=0.5)
     student.model.train()
-    loss, _ = ldl_grpo_group_loss(student, group, cfg, ctx)
+    loss, _ = group_loss(student, group, cfg, ctx)
     loss.backward()
     opt.step()
     student.model.eval()
@@ -118,8 +118,8 @@ def test_distinct_loss_ignores_repeats(paths):
     with_rep = Group(rec, "7", prefix, cands, texts, None, torch.tensor([0.0, -1.0, 0.0]), torch.tensor([0.7, 0.3, 0.0]))
     without = Group(rec, "7", prefix, cands[:2], texts[:2], None, torch.tensor([0.0, -1.0]), torch.tensor([0.7, 0.3]))
     with torch.no_grad():
-        a, _ = ldl_grpo_group_loss(student, with_rep, cfg, ctx)
-        b, _ = ldl_grpo_group_loss(student, without, cfg, ctx)
+        a, _ = group_loss(student, with_rep, cfg, ctx)
+        b, _ = group_loss(student, without, cfg, ctx)
     assert abs(float(a) - float(b)) < 1e-5
 
 

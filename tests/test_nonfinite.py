@@ -15,13 +15,13 @@ from vlrlcd.adapters.loader import load_student
 from vlrlcd.adapters.tiny import build_tiny_text
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.methods import REGISTRY, get_method
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.training import checkpoint as ckpt
 from vlrlcd.training import sft as sft_module
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rl import train_rl
 from vlrlcd.training.sft import sft_items, train_sft
-from vlrlcd.training.steps import GROUP_LOSSES
 
 TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 CFG = TrainConfig(objective="ldl_grpo", rl_steps=3, batch_size=2, k=2, lr=0.01, save_every=0, max_bad_steps=2,
@@ -62,22 +62,23 @@ def assert_checkpoint_finite(path, stepped: bool = True):
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_injected_nan_is_skipped_reported_and_never_checkpointed(world, tmp_path, monkeypatch, capsys, kind):
     _, _, records, anchors = world
-    real = GROUP_LOSSES["ldl_grpo"]
+    real = get_method("ldl_grpo")
     seen = []
 
-    def poisoned(student, group, cfg, ctx):
-        loss, m = real(student, group, cfg, ctx)
-        seen.append(ctx.step)
-        if ctx.step == 1 and seen.count(1) == 1:  # the first prompt of step 2
-            if kind == "loss":
-                loss = loss * float("nan")
-            else:  # a finite loss whose gradient is NaN: d sqrt(x)/dx at 0 is inf, times 0
-                p = student.trainable_parameters()[0]
-                loss = loss + torch.sqrt(p.sum() * 0.0)
-                assert torch.isfinite(loss)
-        return loss, m
+    class Poisoned(type(real)):
+        def group_loss(self, student, group, passes, cfg, ctx):
+            loss, m = real.group_loss(student, group, passes, cfg, ctx)
+            seen.append(ctx.step)
+            if ctx.step == 1 and seen.count(1) == 1:  # the first prompt of step 2
+                if kind == "loss":
+                    loss = loss * float("nan")
+                else:  # a finite loss whose gradient is NaN: d sqrt(x)/dx at 0 is inf, times 0
+                    p = student.trainable_parameters()[0]
+                    loss = loss + torch.sqrt(p.sum() * 0.0)
+                    assert torch.isfinite(loss)
+            return loss, m
 
-    monkeypatch.setitem(GROUP_LOSSES, "ldl_grpo", poisoned)
+    monkeypatch.setitem(REGISTRY, "ldl_grpo", Poisoned)
     student = rl_student(world)
     rows = train_rl(student, records, anchors, CFG, RankingConfig(), 3, tmp_path, seed=0, progress=False)
     assert [r["skipped"] for r in rows] == [False, True, False]
@@ -99,13 +100,14 @@ def test_injected_nan_is_skipped_reported_and_never_checkpointed(world, tmp_path
 
 def test_max_bad_steps_in_a_row_stop_with_a_clear_error(world, tmp_path, monkeypatch):
     _, _, records, anchors = world
-    real = GROUP_LOSSES["ldl_grpo"]
+    real = get_method("ldl_grpo")
 
-    def always_nan(student, group, cfg, ctx):
-        loss, m = real(student, group, cfg, ctx)
-        return loss * float("nan"), m
+    class AlwaysNan(type(real)):
+        def group_loss(self, student, group, passes, cfg, ctx):
+            loss, m = real.group_loss(student, group, passes, cfg, ctx)
+            return loss * float("nan"), m
 
-    monkeypatch.setitem(GROUP_LOSSES, "ldl_grpo", always_nan)
+    monkeypatch.setitem(REGISTRY, "ldl_grpo", AlwaysNan)
     student = rl_student(world)
     before = {n: p.detach().clone() for n, p in student.model.named_parameters() if p.requires_grad}
     with pytest.raises(VlrlcdError, match=r"2 steps in a row had a non-finite loss or gradient \(last at step 2"):

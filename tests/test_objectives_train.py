@@ -1,4 +1,4 @@
-"""Every objective trains the tiny text student and the tiny LLaVA student for two steps: the loss is
+"""Every objective trains the tiny text student and the tiny LLaVA student for two steps of `rl_step`: the loss is
 finite, the policy's LoRA weights move, the frozen SFT (reference) adapter does not."""
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.teacher.config import TeacherConfig
 from vlrlcd.teacher.runner import CachedJudge
 from vlrlcd.teacher.store import AnchorStore
+from vlrlcd.methods import get_method, names
+from vlrlcd.methods.base import Method
+from vlrlcd.methods.config import TvkdDpoConfig
 from vlrlcd.training.config import OBJECTIVES, TrainConfig
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+from vlrlcd.training.steps import StepContext
 
 RL_OBJECTIVES = [o for o in OBJECTIVES if o != "sft"]
 
@@ -40,15 +43,18 @@ def setup(request, tmp_path_factory):
             "records": recs, "anchors": anchors}
 
 
-def test_every_rl_objective_has_a_group_loss():
-    assert set(GROUP_LOSSES) == set(RL_OBJECTIVES)
+def test_every_rl_objective_has_a_method():
+    assert set(names()) == set(RL_OBJECTIVES)
+    assert all(isinstance(get_method(n), Method) and type(get_method(n)).group_loss is not Method.group_loss
+               for n in RL_OBJECTIVES)
 
 
 @pytest.mark.parametrize("objective", RL_OBJECTIVES)
 def test_objective_trains_tiny_student(setup, objective, tmp_path):
     student = load_student(StudentConfig(name_or_path=str(setup["base"])), adapter=setup["adapter"],
                            reference=setup["adapter"])
-    tcfg = TrainConfig(objective=objective, k=3, beta=0.05, tvkd_teacher=str(setup["teacher"]), tvkd_topk=8)
+    tcfg = TrainConfig(objective=objective, k=3, beta=0.05,
+                       tvkd_dpo=TvkdDpoConfig(teacher=str(setup["teacher"]), topk=8))
     rcfg = RankingConfig(pairs="best_worst")
     ctx = StepContext(step=0, total_steps=2, ranking=rcfg)
     store = None

@@ -101,7 +101,7 @@ def test_settings_that_cannot_change_a_result_reuse_it_and_eval_settings_re_eval
     before = snapshot(run)
     capsys.readouterr()
     assert train(run, "--resume", "train.save_every=1", "train.keep_checkpoints=5", "train.group_chunk=1",
-                 "train.grad_accum=2", "train.max_bad_steps=9", "train.tvkd_alpha=3.0", "teacher.concurrency=1") == 0
+                 "train.grad_accum=2", "train.max_bad_steps=9", "train.tvkd_dpo.alpha=3.0", "teacher.concurrency=1") == 0
     out = capsys.readouterr().out
     assert "sft: finished by an earlier run" in out and "ldl_grpo: finished by an earlier run" in out
     after = snapshot(run)
@@ -211,11 +211,29 @@ def test_inputs_leave_out_what_cannot_change_a_result():
     assert "train.lr" not in base["sft"] and "train.sft_lr" not in base["ldl_grpo"]
     assert "student.max_new_tokens" not in base["sft"] and "student.max_new_tokens" in base["ldl_grpo"]
     # an objective's own keys count for that objective only
-    assert stage_config_inputs(_cfg("train.tvkd_alpha=2"), "ldl_grpo") == base["ldl_grpo"]
-    assert changed_keys(base["tvkd_dpo"], stage_config_inputs(_cfg("train.tvkd_alpha=2"), "tvkd_dpo")) == ["train.tvkd_alpha"]
+    assert stage_config_inputs(_cfg("train.tvkd_dpo.alpha=2"), "ldl_grpo") == base["ldl_grpo"]
+    assert changed_keys(base["tvkd_dpo"], stage_config_inputs(_cfg("train.tvkd_dpo.alpha=2"), "tvkd_dpo")) == [
+        "train.tvkd_dpo.alpha"]
     # judge_grpo asks the teacher during the stage: what it answers with counts, how it is reached does not
     assert changed_keys(base["judge_grpo"], stage_config_inputs(_cfg("teacher.model=other"), "judge_grpo")) == ["teacher.model"]
     assert stage_config_inputs(_cfg("teacher.model=other"), "ldl_grpo") == base["ldl_grpo"]
+
+
+def test_a_method_section_counts_for_the_methods_that_read_it():
+    """train.<section>.* (Method.sections): the GRPO family's keys for anchor_grpo, judge_grpo and rlsd, the
+    DPO family's for the DPO methods, a method's own section for it alone; sft2 reads no ranking key."""
+    methods = ("ldl_grpo", "sft2", "single_pair_dpo", "anchor_rank_dpo", "anchor_grpo", "judge_grpo", "self_ppo",
+               "rlsd", "tvkd_dpo")
+    base = {m: stage_config_inputs(_cfg(), m) for m in methods}
+    readers = {"train.grpo.eps_low=0.3": {"anchor_grpo", "judge_grpo", "rlsd"},
+               "train.dpo.beta=0.3": {"single_pair_dpo", "anchor_rank_dpo", "tvkd_dpo"},
+               "train.rlsd.lambda0=0.5": {"rlsd"}, "train.self_ppo.eps=0.1": {"self_ppo"},
+               "ranking.tau=0.25": set(methods) - {"sft2"}}
+    for override, users in readers.items():
+        key = override.split("=")[0]
+        for m in methods:
+            want = [key] if m in users else []
+            assert changed_keys(base[m], stage_config_inputs(_cfg(override), m)) == want, (override, m)
 
 
 def test_digest_is_stable_across_processes_and_key_order():

@@ -27,6 +27,8 @@ from vlrlcd import cli
 from vlrlcd.adapters.config import StudentConfig
 from vlrlcd.adapters.loader import load_student
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.methods import get_method, names
+from vlrlcd.methods.config import TvkdDpoConfig
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.training import checkpoint as ckpt
 from vlrlcd.training import sharding
@@ -34,7 +36,7 @@ from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, setup_distributed
 from vlrlcd.training.rl import losses_and_backward, train_rl
 from vlrlcd.training.rollout import rollout, rollout_batch, sample_generator
-from vlrlcd.training.steps import GROUP_LOSSES, StepContext
+from vlrlcd.training.steps import StepContext, group_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,11 +171,11 @@ def test_no_pair_in_lockstep_still_runs_the_pair_passes_with_weight_zero(text_st
     g.candidates = [student.encode_response(g.anchor)]  # the sample is the anchor: no pair
     g.texts = [g.anchor]
     ctx = StepContext(step=0, total_steps=1, ranking=rcfg)
-    loss, m = GROUP_LOSSES["single_pair_dpo"](student, g, cfg, ctx)
+    loss, m = group_loss(student, g, cfg, ctx)
     assert m["pairs"] == 0 and loss.grad_fn is None  # one process: no pass at all
     student.lockstep = lambda done: done
     try:
-        loss, m = GROUP_LOSSES["single_pair_dpo"](student, g, cfg, ctx)
+        loss, m = group_loss(student, g, cfg, ctx)
     finally:
         student.lockstep = None
     assert m["pairs"] == 0 and float(loss.detach()) == 0.0 and loss.grad_fn is not None
@@ -286,14 +288,14 @@ def _passes(student, fn) -> list[bool]:
     return seen
 
 
-@pytest.mark.parametrize("objective", sorted(GROUP_LOSSES))
+@pytest.mark.parametrize("objective", sorted(names()))
 def test_every_objective_makes_the_same_passes_for_every_kind_of_group(objective, text_student, tmp_path):
     """The lockstep invariant behind FSDP: with `lockstep` set, the sequence of forwards (and the backward)
     of one prompt's rollout and loss does not depend on the prompt or on the group (verifiable reference or
     not, a group with no preference pair, a judge that failed)."""
     student, root = text_student
     recs, anchors = records("text", tmp_path)
-    cfg = TrainConfig(objective=objective, k=3, tvkd_teacher=str(root / "base"))
+    cfg = TrainConfig(objective=objective, k=3, tvkd_dpo=TvkdDpoConfig(teacher=str(root / "base")))
     rcfg = RankingConfig()
     student.lockstep = lambda done: done
     try:
@@ -313,7 +315,7 @@ def test_every_objective_makes_the_same_passes_for_every_kind_of_group(objective
             ctx = StepContext(step=0, total_steps=1, ranking=rcfg, judge=_Judge(judge_fails))
             box = {}
             student.model.train()
-            loss_passes.append(_passes(student, lambda: box.update(out=GROUP_LOSSES[objective](student, group, cfg, ctx))))
+            loss_passes.append(_passes(student, lambda: box.update(out=group_loss(student, group, cfg, ctx))))
             loss = box["out"][0]
             assert loss.requires_grad and loss.grad_fn is not None  # the backward passes run too
             loss.backward()
@@ -329,14 +331,14 @@ def test_every_objective_makes_the_same_passes_for_every_kind_of_group(objective
     assert any(loss_passes[0])  # the loss goes through the model with gradient
 
 
-@pytest.mark.parametrize("objective", sorted(GROUP_LOSSES))
+@pytest.mark.parametrize("objective", sorted(names()))
 def test_every_step_of_the_loop_makes_the_same_passes_whatever_its_groups(objective, text_student, tmp_path):
     """The lockstep invariant at the loop's level, where a step's log-prob passes are batched across its groups
     (rollout_batch, then losses_and_backward): a step whose groups are all verifiable, all unverifiable, all
     without a preference pair, or all judge-failed makes the same forwards (and as many backwards) as any other."""
     student, root = text_student
     recs, anchors = records("text", tmp_path)
-    cfg = TrainConfig(objective=objective, k=3, tvkd_teacher=str(root / "base"))
+    cfg = TrainConfig(objective=objective, k=3, tvkd_dpo=TvkdDpoConfig(teacher=str(root / "base")))
     rcfg = RankingConfig()
     sharded = Dist(rank=0, world=2, fsdp=sharding.FSDPSettings())
     param = student.trainable_parameters()[0]
@@ -361,12 +363,12 @@ def test_every_step_of_the_loop_makes_the_same_passes_whatever_its_groups(object
         seen = {}
         for name, (groups, judge_fails) in steps.items():
             ctx = StepContext(step=0, total_steps=1, ranking=rcfg, judge=_Judge(judge_fails), cache=cache)
-            groups = [replace(g, passes={}) for g in groups]
+            groups = [replace(g) for g in groups]
             backwards: list[int] = []
             hook = param.register_hook(lambda grad: backwards.append(1))
             student.model.train()
             try:
-                forwards = _passes(student, lambda: losses_and_backward(student, groups, GROUP_LOSSES[objective], cfg,
+                forwards = _passes(student, lambda: losses_and_backward(student, groups, get_method(objective), cfg,
                                                                         ctx, 2, sharded))
             finally:
                 hook.remove()

@@ -17,6 +17,11 @@ from vlrlcd.adapters.loader import load_student
 from vlrlcd.config import Config
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.methods import get_method
+from vlrlcd.methods.config import DpoConfig, GrpoConfig, RlsdConfig, SelfPpoConfig, TvkdDpoConfig
+from vlrlcd.methods.grpo import judge_rewards
+from vlrlcd.methods.rlsd import rlsd_rewards
+from vlrlcd.methods.tvkd_dpo import cached_token_values, load_tvkd_teacher, teacher_token_values
 from vlrlcd.objectives.dpo import dpo_loss
 from vlrlcd.objectives.tvkd import topk_with_rest, tvkd_values
 from vlrlcd.ranking.config import RankingConfig
@@ -24,17 +29,7 @@ from vlrlcd.ranking.scorers import Scores, self_likelihood
 from vlrlcd.teacher.store import AnchorStore
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.rollout import Group, rollout, rollout_plan, sample_generator
-from vlrlcd.training.steps import (
-    STEP_END,
-    GROUP_LOSSES,
-    StepContext,
-    cached_token_values,
-    judge_rewards,
-    load_tvkd_teacher,
-    make_context,
-    rlsd_rewards,
-    teacher_token_values,
-)
+from vlrlcd.training.steps import StepContext, group_loss, make_context
 
 REC = Record(id="q", prompt="What is 3 + 4?", reference="7")
 OPEN = Record(id="o", prompt="Name a colour.")
@@ -121,15 +116,17 @@ def test_rlsd_reward_is_the_verifier_when_there_is_a_reference_else_the_margin()
 
 # ------------------------------------------------------------------ config
 def test_train_and_ranking_config_validation():
-    with pytest.raises(VlrlcdError, match="tvkd_teacher"):
+    with pytest.raises(VlrlcdError, match="train.tvkd_dpo.teacher"):
         TrainConfig(objective="tvkd_dpo").validate()
-    TrainConfig(objective="tvkd_dpo", tvkd_teacher="/some/dir").validate()
-    for bad in ({"grpo_loss_type": "ppo"}, {"eps_low": 1.0}, {"ppo_baseline_momentum": 1.0},
-                {"rlsd_lambda0": 1.5}, {"rlsd_decay_steps": -1}, {"tvkd_beta_t": 0.0}, {"tvkd_topk": 0},
-                {"tvkd_gamma_s": 1.1}):
+    TrainConfig(objective="tvkd_dpo", tvkd_dpo=TvkdDpoConfig(teacher="/some/dir")).validate()
+    for bad in ({"grpo": GrpoConfig(loss_type="ppo")}, {"grpo": GrpoConfig(eps_low=1.0)},
+                {"self_ppo": SelfPpoConfig(baseline_momentum=1.0)}, {"rlsd": RlsdConfig(lambda0=1.5)},
+                {"rlsd": RlsdConfig(decay_steps=-1)}, {"tvkd_dpo": TvkdDpoConfig(beta_t=0.0)},
+                {"tvkd_dpo": TvkdDpoConfig(topk=0)}, {"tvkd_dpo": TvkdDpoConfig(gamma_s=1.1)},
+                {"dpo": DpoConfig(beta=0.0)}):
         with pytest.raises(VlrlcdError):
             TrainConfig(**bad).validate()
-    assert TrainConfig().tvkd_beta_t != 1.0   # β_T = 1 would make V_T = 0: no shaping at all
+    assert TrainConfig().tvkd_dpo.beta_t != 1.0   # β_T = 1 would make V_T = 0: no shaping at all
     for bad in ({"pairs": "best"}, {"pair_margin": -0.1}, {"scorer": "bleu"}, {"scorer": "clip"},
                 {"scorer": "composite"}, {"composite": {"bleu": 1.0}}, {"composite": {"clip": "x"}}):
         with pytest.raises(VlrlcdError):
@@ -142,7 +139,7 @@ def test_train_and_ranking_config_validation():
 
 def test_make_context_checks_tvkd_teacher(tmp_path):
     cfg = Config(run_dir=str(tmp_path))
-    with pytest.raises(VlrlcdError, match="tvkd_teacher"):
+    with pytest.raises(VlrlcdError, match="train.tvkd_dpo.teacher"):
         make_context(cfg, dataclasses.replace(cfg.train, objective="tvkd_dpo"))
     ctx = make_context(cfg, dataclasses.replace(cfg.train, objective="ldl_grpo", rl_steps=7))
     assert ctx.judge is None and ctx.total_steps == 7 and ctx.call_counts() == {
@@ -162,7 +159,7 @@ def tiny(tmp_path_factory):
 
 def test_self_ppo_running_baseline(tiny):
     s = tiny["student"]
-    tcfg, rcfg = TrainConfig(objective="self_ppo", beta=0.0, ppo_baseline_momentum=0.9), RankingConfig()
+    tcfg, rcfg = TrainConfig(objective="self_ppo", beta=0.0, self_ppo=SelfPpoConfig(baseline_momentum=0.9)), RankingConfig()
     ctx = StepContext(0, 2, rcfg)
     g1 = rollout(s, REC, "7", tcfg, rcfg, MAX_NEW, sample_generator(0, 0, 0))
     g2 = rollout(s, OPEN, "red", tcfg, rcfg, MAX_NEW, sample_generator(0, 0, 1))
@@ -173,31 +170,32 @@ def test_self_ppo_running_baseline(tiny):
         own = float(s.token_logprobs(prefix, g1.candidates).sequence(True)[0])
     assert r1 == pytest.approx(own, abs=1e-5)
     # step 1: no baseline yet, each sample is its own (advantage 0); the baseline moves only at the step's end
-    _, m1 = GROUP_LOSSES["self_ppo"](s, g1, tcfg, ctx)
+    _, m1 = group_loss(s, g1, tcfg, ctx)
     assert m1["baseline"] == pytest.approx(r1) and m1["advantage_mean"] == pytest.approx(0.0, abs=1e-6)
-    _, m2 = GROUP_LOSSES["self_ppo"](s, g2, tcfg, ctx)
+    _, m2 = group_loss(s, g2, tcfg, ctx)
     assert m2["baseline"] == pytest.approx(r2) and "ppo_baseline" not in ctx.state
-    STEP_END["self_ppo"](ctx, tcfg, {"reward_mean": (r1 + r2) / 2})
+    get_method("self_ppo").step_end(ctx, tcfg, {"reward_mean": (r1 + r2) / 2})
     assert ctx.state["ppo_baseline"] == pytest.approx((r1 + r2) / 2, abs=1e-6)
     # step 2: both groups against the same baseline, whatever process or order they run in
     for g, r in ((g2, r2), (g1, r1)):
-        _, m = GROUP_LOSSES["self_ppo"](s, g, tcfg, ctx)
+        _, m = group_loss(s, g, tcfg, ctx)
         assert m["baseline"] == pytest.approx((r1 + r2) / 2) and m["advantage_mean"] == pytest.approx(
             r - (r1 + r2) / 2, abs=1e-5)
-    STEP_END["self_ppo"](ctx, tcfg, {"reward_mean": 1.0})
+    get_method("self_ppo").step_end(ctx, tcfg, {"reward_mean": 1.0})
     assert ctx.state["ppo_baseline"] == pytest.approx(0.9 * (r1 + r2) / 2 + 0.1, abs=1e-6)
 
 
 def test_rlsd_lambda_decays_with_the_step(tiny):
     s = tiny["student"]
     rcfg = RankingConfig()
-    tcfg = TrainConfig(objective="rlsd", k=3, rlsd_lambda0=0.8)
+    tcfg = TrainConfig(objective="rlsd", k=3, rlsd=RlsdConfig(lambda0=0.8))
     g = rollout(s, REC, "7", tcfg, rcfg, MAX_NEW, sample_generator(0, 0, 0))
-    _, m = GROUP_LOSSES["rlsd"](s, g, tcfg, StepContext(step=1, total_steps=4, ranking=rcfg))
+    _, m = group_loss(s, g, tcfg, StepContext(step=1, total_steps=4, ranking=rcfg))
     assert m["rlsd_lambda"] == pytest.approx(0.8 * (1 - 1 / 4))
-    _, m = GROUP_LOSSES["rlsd"](s, g, dataclasses.replace(tcfg, rlsd_decay_steps=0), StepContext(3, 4, rcfg))
+    constant = dataclasses.replace(tcfg, rlsd=RlsdConfig(lambda0=0.8, decay_steps=0))
+    _, m = group_loss(s, g, constant, StepContext(3, 4, rcfg))
     assert m["rlsd_lambda"] == pytest.approx(0.8)
-    _, m = GROUP_LOSSES["rlsd"](s, g, dataclasses.replace(tcfg, rlsd_decay_steps=2), StepContext(3, 4, rcfg))
+    _, m = group_loss(s, g, dataclasses.replace(tcfg, rlsd=RlsdConfig(lambda0=0.8, decay_steps=2)), StepContext(3, 4, rcfg))
     assert m["rlsd_lambda"] == 0.0
 
 
@@ -228,9 +226,9 @@ def test_dpo_pairs_map_to_the_right_sequences(tiny):
     prefix = s.prefix(REC.prompt)
     cands = [s.encode_response(t) for t in ("8", "7 7", "nine")]
     g = hand_group(REC, ["8", "7 7", "nine"], candidates=cands, margins=[-1.0, 0.5, -2.0], prefix=prefix)
-    tcfg = TrainConfig(objective="anchor_rank_dpo", dpo_beta=0.5)
+    tcfg = TrainConfig(objective="anchor_rank_dpo", dpo=DpoConfig(beta=0.5))
     ctx = StepContext(0, 1, RankingConfig(pairs="anchor"))
-    loss, m = GROUP_LOSSES["anchor_rank_dpo"](s, g, tcfg, ctx)
+    loss, m = group_loss(s, g, tcfg, ctx)
     seqs = [s.encode_response("7"), cands[0], cands[2]]
     with torch.no_grad():
         pol = s.token_logprobs(prefix, seqs).logp.sum(-1)
@@ -239,7 +237,7 @@ def test_dpo_pairs_map_to_the_right_sequences(tiny):
     want, _ = dpo_loss(pol[[0, 0]], pol[[1, 2]], ref[[0, 0]], ref[[1, 2]], 0.5)
     assert m["pairs"] == 2.0 and float(loss.detach()) == pytest.approx(float(want), abs=1e-5)
     # best_worst: candidate 1 (r = 0.5) over candidate 2 (r = −2)
-    loss, m = GROUP_LOSSES["anchor_rank_dpo"](s, g, tcfg, StepContext(0, 1, RankingConfig(pairs="best_worst")))
+    loss, m = group_loss(s, g, tcfg, StepContext(0, 1, RankingConfig(pairs="best_worst")))
     with torch.no_grad():
         pol2 = s.token_logprobs(prefix, [cands[1], cands[2]]).logp.sum(-1)
         with s.reference():
@@ -247,7 +245,7 @@ def test_dpo_pairs_map_to_the_right_sequences(tiny):
     want, _ = dpo_loss(pol2[:1], pol2[1:], ref2[:1], ref2[1:], 0.5)
     assert m["pairs"] == 1.0 and float(loss.detach()) == pytest.approx(float(want), abs=1e-5)
     # a margin threshold nothing passes: no pair, a zero loss that still backpropagates
-    loss, m = GROUP_LOSSES["anchor_rank_dpo"](s, g, tcfg, StepContext(0, 1, RankingConfig(pair_margin=10.0)))
+    loss, m = group_loss(s, g, tcfg, StepContext(0, 1, RankingConfig(pair_margin=10.0)))
     assert m["pairs"] == 0.0 and float(loss.detach()) == 0.0
     loss.backward()
 
@@ -255,10 +253,10 @@ def test_dpo_pairs_map_to_the_right_sequences(tiny):
 def test_single_pair_dpo_skips_a_sample_equal_to_the_anchor(tiny):
     s = tiny["student"]
     g = hand_group(REC, ["7"], candidates=[s.encode_response("7")], prefix=s.prefix(REC.prompt))
-    loss, m = GROUP_LOSSES["single_pair_dpo"](s, g, TrainConfig(objective="single_pair_dpo"), StepContext(0, 1, RankingConfig()))
+    loss, m = group_loss(s, g, TrainConfig(objective="single_pair_dpo"), StepContext(0, 1, RankingConfig()))
     assert m["pairs"] == 0.0 and float(loss.detach()) == 0.0
     g = hand_group(REC, ["8"], candidates=[s.encode_response("8")], prefix=s.prefix(REC.prompt))
-    loss, m = GROUP_LOSSES["single_pair_dpo"](s, g, TrainConfig(objective="single_pair_dpo"), StepContext(0, 1, RankingConfig()))
+    loss, m = group_loss(s, g, TrainConfig(objective="single_pair_dpo"), StepContext(0, 1, RankingConfig()))
     assert m["pairs"] == 1.0 and float(loss.detach()) == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
 
 
@@ -266,8 +264,8 @@ def test_tvkd_values_read_the_teacher_at_each_response_token(tiny):
     """V_T at response token t comes from the teacher's logits AT y_t (predicting y_{t+1}): checked
     against one plain forward over prompt + response, without the shared-prefix cache."""
     s = tiny["student"]
-    tcfg = TrainConfig(objective="tvkd_dpo", tvkd_teacher=str(tiny["teacher"]), tvkd_topk=5, tvkd_beta_t=0.5,
-                       tvkd_alpha=2.0)
+    tcfg = TrainConfig(objective="tvkd_dpo", tvkd_dpo=TvkdDpoConfig(teacher=str(tiny["teacher"]), topk=5, beta_t=0.5,
+                                                                    alpha=2.0))
     teacher = load_tvkd_teacher(tcfg, s)
     responses = [s.encode_response("7"), s.encode_response("red and blue")]
     g = hand_group(REC, ["7", "red and blue"], candidates=responses, prefix=s.prefix(REC.prompt))
@@ -292,8 +290,9 @@ def test_tvkd_values_read_the_teacher_at_each_response_token(tiny):
 def test_tvkd_teacher_with_another_tokenizer_is_refused(tiny):
     other = build("text", tiny["root"] / "other", seed=0, corpus=["completely different words here"] * 3)
     with pytest.raises(VlrlcdError, match="tokenizer"):
-        load_tvkd_teacher(TrainConfig(objective="tvkd_dpo", tvkd_teacher=str(other)), tiny["student"])
-    with pytest.raises(VlrlcdError, match="tvkd_teacher"):
+        load_tvkd_teacher(TrainConfig(objective="tvkd_dpo", tvkd_dpo=TvkdDpoConfig(teacher=str(other))),
+                          tiny["student"])
+    with pytest.raises(VlrlcdError, match="train.tvkd_dpo.teacher"):
         load_tvkd_teacher(TrainConfig(objective="tvkd_dpo"), tiny["student"])
 
 

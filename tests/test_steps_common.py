@@ -1,8 +1,9 @@
 """Shared builders for the objective / scorer tests (no tests here): tiny random students built from
-configs, SFT adapters with seeded non-zero LoRA weights, a few hand-made records, a small training loop."""
+configs, SFT adapters with seeded non-zero LoRA weights, a few hand-made records, a few steps of `rl_step`."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -14,8 +15,8 @@ from vlrlcd.adapters.tiny import build_tiny_llava, build_tiny_text
 from vlrlcd.datasets.records import Record
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.training.config import TrainConfig
-from vlrlcd.training.rollout import rollout, sample_generator
-from vlrlcd.training.steps import GROUP_LOSSES, STEP_END, StepContext
+from vlrlcd.training.rl import rl_setup, rl_step
+from vlrlcd.training.steps import StepContext
 
 TINY = TinyConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
                   vision_hidden_size=32, vision_layers=1)
@@ -63,28 +64,18 @@ def policy_and_reference(student) -> tuple[dict, dict]:
 
 
 def train_steps(student, recs, anchors, tcfg: TrainConfig, rcfg: RankingConfig, ctx: StepContext,
-                steps: int = 2, lr: float = 1e-2) -> list[dict]:
-    """The RL loop's shape (rollout -> group loss -> backward -> step) without its logging; AdamW
-    without weight decay, so a parameter moves only when some gradient reached it."""
-    params = student.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+                steps: int = 2, lr: float = 1e-2, method=None) -> list[dict]:
+    """`steps` steps of `rl_step` (the loop's own step: batched rollout, batched passes, one backward, the
+    clipped step, the step-end hook) on `recs` every step, without the loop's logging; each group's row is
+    its metrics with the group. AdamW without weight decay, so a parameter moves only when some gradient
+    reached it."""
     ctx.total_steps = steps
+    tcfg = dataclasses.replace(tcfg, lr=lr, weight_decay=0.0, rl_steps=steps, batch_size=len(recs))
+    run = rl_setup(student, tcfg, rcfg, MAX_NEW, seed=0, ctx=ctx, method=method)
     out = []
     for step in range(steps):
-        ctx.step = step
-        for i, rec in enumerate(recs):
-            student.model.eval()
-            g = rollout(student, rec, anchors[rec.id], tcfg, rcfg, MAX_NEW, sample_generator(0, step, i))
-            student.model.train()
-            loss, m = GROUP_LOSSES[tcfg.objective](student, g, tcfg, ctx)
-            (loss / len(recs)).backward()
-            out.append({"loss": float(loss.detach()), **m, "group": g})
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rows = out[-len(recs):]
-        if tcfg.objective in STEP_END:
-            STEP_END[tcfg.objective](ctx, tcfg, {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]
-                                                 if all(isinstance(r.get(k), float) for r in rows)})
+        r = rl_step(run, step, list(recs), [anchors[rec.id] for rec in recs])
+        out += [{**m, "group": g} for g, m in zip(r.groups, r.metrics)]
     student.model.eval()
     return out
 

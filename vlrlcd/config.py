@@ -45,7 +45,11 @@ class Config:
         check_ranges(self, "")
 
 
-def _unknown_key(name: str, valid: list[str], where: str) -> VlrlcdError:
+def _unknown_key(name: str, valid: list[str], where: str, cls: type | None = None) -> VlrlcdError:
+    renamed = getattr(cls, "RENAMED", {}).get(name)   # a key an earlier version had (TrainConfig.RENAMED)
+    if renamed:
+        return VlrlcdError(f"config key '{where}{name}' is now '{where}{renamed}'; rename it in the recipe "
+                           "or the override")
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
     return VlrlcdError(f"unknown config key '{where}{name}'{hint}")
@@ -123,7 +127,7 @@ def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in (d or {}).items():
         if k not in names:
-            raise _unknown_key(str(k), names, prefix)
+            raise _unknown_key(str(k), names, prefix, cls)
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
@@ -142,7 +146,7 @@ def _set_dotted(d: dict, cls: type, dotted: str, raw: str) -> None:
     for i, p in enumerate(parts):
         names = [f.name for f in dataclasses.fields(node_cls)]
         if p not in names:
-            raise _unknown_key(p, names, where)
+            raise _unknown_key(p, names, where, node_cls)
         if i == len(parts) - 1:
             node[p] = yaml.safe_load(raw) if raw != "" else ""
             return

@@ -1,16 +1,24 @@
-"""The `train:` section."""
+"""The `train:` section: the keys every stage reads, and the stage-II methods' own sections
+(`train.<section>.*`, defined in vlrlcd/methods/config.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import typing
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from vlrlcd import methods
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.methods.config import DpoConfig, GrpoConfig, RlsdConfig, SelfPpoConfig, TvkdDpoConfig
 from vlrlcd.ranges import check_ranges
 
-OBJECTIVES = ("sft", "sft2", "ldl_grpo", "single_pair_dpo", "anchor_rank_dpo", "anchor_grpo",
-              "self_ppo", "judge_grpo", "tvkd_dpo", "rlsd")
-GRPO_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")   # objectives.common.LOSS_TYPES
+def objectives() -> tuple[str, ...]:
+    """`train.objective`'s choices: "sft" (stage I only) and every registered stage-II method."""
+    return ("sft",) + methods.names()
+
+
+OBJECTIVES = objectives()   # the built-in ones (a method a test registers later is in objectives() only)
 
 
 @dataclass
@@ -27,7 +35,6 @@ class TrainConfig:
     temperature: float = 1.0
     beta: float = 0.05                 # weight of KL(π_θ ‖ π_sft)
     length_normalize: bool = True      # s_θ = mean (True) or sum (False) token log-prob
-    dpo_beta: float = 0.1
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 0              # linear warm-up steps (0: step 1 runs at the peak lr)
@@ -41,57 +48,44 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (SFT; the RL prefix cache forbids it)
     group_chunk: int = 0               # RL groups per batched policy / reference pass and backward (0: all of a process's prompts; lower bounds memory)
     tensorboard: bool = True           # RUN/<stage>/tb event files when tensorboard is installed
-    # GRPO family (anchor_grpo, judge_grpo, rlsd)
-    grpo_loss_type: str = "dapo"       # dapo | bnpo | grpo | dr_grpo: token aggregation (as TRL names it)
-    eps_low: float = 0.2               # clip(ρ, 1 − eps_low, 1 + eps_high)
-    eps_high: float = 0.2
-    scale_rewards: bool = True         # divide group advantages by the group's std (False: Dr. GRPO)
-    # self_ppo
-    ppo_eps: float = 0.2
-    ppo_baseline_momentum: float = 0.9  # running-mean reward baseline b ← m·b + (1 − m)·R
-    # rlsd (arXiv 2604.03128)
-    rlsd_lambda0: float = 1.0          # weight of the self-distillation magnitude at step 0
-    rlsd_decay_steps: int | None = None  # λ decays linearly to 0 over this many steps; null: over rl_steps; 0: constant
-    rlsd_eps_w: float = 0.2            # w_t clipped to [1 − eps_w, 1 + eps_w]
-    # tvkd_dpo (arXiv 2509.16965)
-    tvkd_teacher: str | None = None    # a local HF model directory sharing the student's tokenizer
-    tvkd_teacher_quantization: str = "none"  # none | 8bit | 4bit
-    tvkd_alpha: float = 1.0            # V_T(s) = α·β_T·logsumexp(log π_T(·|s) / β_T)
-    tvkd_beta_t: float = 0.5           # β_T = 1 makes V_T = 0 exactly (no shaping)
-    tvkd_gamma_s: float = 0.9          # R(y) = β·[log-ratio] − (1 − γ_s)·Σ_t V_T(s_{t+1})
-    tvkd_topk: int = 50                # teacher log-probs kept per position (plus one bucket for the rest)
+    # the methods' own sections, train.<section>.* (vlrlcd/methods/config.py)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    self_ppo: SelfPpoConfig = field(default_factory=SelfPpoConfig)
+    rlsd: RlsdConfig = field(default_factory=RlsdConfig)
+    tvkd_dpo: TvkdDpoConfig = field(default_factory=TvkdDpoConfig)
 
     RANGES: ClassVar[dict[str, str]] = {   # vlrlcd/ranges.py
         "sft_epochs": "(0, inf)", "sft_lr": "(0, inf)", "sft_batch_size": "[1, inf)", "sft_copy_pairs": "[0, inf)",
         "rl_steps": "[1, inf) train.objective=sft skips stage II", "lr": "(0, inf)", "batch_size": "[1, inf)",
-        "k": "[2, inf) a group to rank", "temperature": "(0, inf)", "beta": "[0, inf)", "dpo_beta": "(0, inf)",
+        "k": "[2, inf) a group to rank", "temperature": "(0, inf)", "beta": "[0, inf)",
         "grad_clip": "[0, inf) 0: no clipping", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)",
         "save_every": "[0, inf) 0: only at the end", "keep_checkpoints": "[0, inf) 0: keep all",
         "max_bad_steps": "[1, inf)", "log_every": "[1, inf)", "grad_accum": "[1, inf)",
         "group_chunk": "[0, inf) 0: all of a step's prompts in one pass",
-        "eps_low": "[0, 1)", "eps_high": "[0, 1)", "ppo_eps": "[0, 1)", "ppo_baseline_momentum": "[0, 1)",
-        "rlsd_lambda0": "[0, 1]", "rlsd_decay_steps": "[0, inf) or null: over train.rl_steps", "rlsd_eps_w": "[0, 1)",
-        "tvkd_alpha": "[0, inf)", "tvkd_beta_t": "(0, inf)", "tvkd_gamma_s": "[0, 1]", "tvkd_topk": "[1, inf)",
+    }
+    # flat keys of earlier versions -> their section key (vlrlcd/config.py names the new key for an old one)
+    RENAMED: ClassVar[dict[str, str]] = {
+        "dpo_beta": "dpo.beta", "grpo_loss_type": "grpo.loss_type", "eps_low": "grpo.eps_low",
+        "eps_high": "grpo.eps_high", "scale_rewards": "grpo.scale_rewards", "ppo_eps": "self_ppo.eps",
+        "ppo_baseline_momentum": "self_ppo.baseline_momentum", "rlsd_lambda0": "rlsd.lambda0",
+        "rlsd_decay_steps": "rlsd.decay_steps", "rlsd_eps_w": "rlsd.eps_w", "tvkd_teacher": "tvkd_dpo.teacher",
+        "tvkd_teacher_quantization": "tvkd_dpo.teacher_quantization", "tvkd_alpha": "tvkd_dpo.alpha",
+        "tvkd_beta_t": "tvkd_dpo.beta_t", "tvkd_gamma_s": "tvkd_dpo.gamma_s", "tvkd_topk": "tvkd_dpo.topk",
     }
 
     def validate(self) -> None:
         check_ranges(self, "train.")
-        if self.objective not in OBJECTIVES:
-            raise VlrlcdError(f"train.objective '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
+        if self.objective not in objectives():
+            raise VlrlcdError(f"train.objective '{self.objective}' is not one of {', '.join(objectives())}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise VlrlcdError(f"train.mixed_precision must be no, bf16 or fp16, got '{self.mixed_precision}'")
-        if self.grpo_loss_type not in GRPO_LOSS_TYPES:
-            raise VlrlcdError(f"train.grpo_loss_type '{self.grpo_loss_type}' is not one of {', '.join(GRPO_LOSS_TYPES)}")
-        if self.tvkd_teacher_quantization not in ("none", "8bit", "4bit"):
-            raise VlrlcdError(f"train.tvkd_teacher_quantization must be none, 8bit or 4bit, got '{self.tvkd_teacher_quantization}'")
-        if self.objective == "tvkd_dpo":
-            self.require_tvkd_teacher()
+        for name in METHOD_SECTIONS:
+            getattr(self, name).validate()
+        own = getattr(self, self.objective, None) if self.objective in METHOD_SECTIONS else None
+        if own is not None:  # what the chosen method cannot run without (e.g. tvkd_dpo's teacher)
+            own.require()
 
-    def require_tvkd_teacher(self) -> str:
-        """The tvkd teacher path, or a VlrlcdError saying what to set."""
-        if not self.tvkd_teacher:
-            raise VlrlcdError(
-                "train.objective=tvkd_dpo needs a local white-box teacher: set train.tvkd_teacher to a Hugging "
-                "Face model directory that shares the student's tokenizer (e.g. a larger model of the same family)"
-            )
-        return self.tvkd_teacher
+
+# TrainConfig's method sections (train.<section>.*), in field order
+METHOD_SECTIONS = tuple(n for n, t in typing.get_type_hints(TrainConfig).items() if dataclasses.is_dataclass(t))

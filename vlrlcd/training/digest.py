@@ -24,14 +24,6 @@ _TRAIN_INFRA = {"save_every", "keep_checkpoints", "max_bad_steps", "log_every", 
                 "group_chunk", "tensorboard"}
 _SFT_KEYS = {"sft_epochs", "sft_lr", "sft_batch_size", "sft_copy_pairs"}
 _SHARED_KEYS = {"grad_clip", "weight_decay", "warmup_steps", "mixed_precision"}
-# stage-II keys read by some objectives only: {group: objectives that read it}
-_OBJECTIVE_KEYS = {
-    ("dpo_beta",): {"single_pair_dpo", "anchor_rank_dpo", "tvkd_dpo"},
-    ("grpo_loss_type", "eps_low", "eps_high", "scale_rewards"): {"anchor_grpo", "judge_grpo", "rlsd"},
-    ("ppo_eps", "ppo_baseline_momentum"): {"self_ppo"},
-    ("rlsd_lambda0", "rlsd_decay_steps", "rlsd_eps_w"): {"rlsd"},
-    ("tvkd_teacher", "tvkd_teacher_quantization", "tvkd_alpha", "tvkd_beta_t", "tvkd_gamma_s", "tvkd_topk"): {"tvkd_dpo"},
-}
 _DATA_EVAL_ONLY = {"eval_path", "eval_size", "eval_split"}
 # teacher.* keys that change what the teacher answers (judge_grpo asks it during stage II); the rest is transport
 _TEACHER_ANSWERS = {"backend", "model", "base_url", "jsonl_path", "temperature", "max_tokens", "system_prompt",
@@ -99,15 +91,20 @@ def sft_inputs(cfg) -> dict[str, Any]:
 
 
 def rl_inputs(cfg, objective: str) -> dict[str, Any]:
-    """The config keys a stage-II objective reads."""
-    other = [k for group, users in _OBJECTIVE_KEYS.items() if objective not in users for k in group]
-    train = {f"train.{k}": v for k, v in _plain(cfg.train).items()
-             if k not in _TRAIN_INFRA | _SFT_KEYS and k not in other}
+    """The config keys a stage-II method reads: the shared train keys, its own `train.<section>.*`
+    (`Method.sections`), the ranking unless it ranks nothing, the teacher when it asks it during the stage."""
+    from vlrlcd.methods import get_method
+    from vlrlcd.training.config import METHOD_SECTIONS
+
+    method = get_method(objective)
+    other = [s for s in METHOD_SECTIONS if s not in method.sections]
+    train = {k: v for k, v in _drop(flatten(cfg.train, "train"), "train", other).items()
+             if k.split(".")[1] not in _TRAIN_INFRA | _SFT_KEYS}
     train["train.objective"] = objective
     out = {"seed": cfg.seed, **_student(cfg, sampling=True), **_data(cfg), **train}
-    if objective != "sft2":  # sft2 samples and ranks nothing
+    if method.reads_ranking:
         out.update(flatten(cfg.ranking, "ranking"))
-    if objective == "judge_grpo":  # the teacher judges the candidates during the stage
+    if method.reads_teacher:  # the teacher judges the candidates during the stage
         out.update({k: v for k, v in flatten(cfg.teacher, "teacher").items() if k.split(".", 1)[1] in _TEACHER_ANSWERS})
     return out
 

@@ -5,26 +5,29 @@ them, each prompt's draws from its own generator), then scored group by group.
 The image goes through the vision tower once; the features are shared by the sampling prefix, the
 scoring prefix and the later policy / reference log-prob passes (through `Group.prefix`).
 
-What is sampled and scored depends on the objective (`rollout_plan`): K candidates ranked against the
-anchor for the ranking objectives; one sample and no ranking for single_pair_dpo; one sample scored
-without the anchor for self_ppo; none for sft2; no self-scoring where the reward comes from elsewhere
-(judge_grpo: the teacher; rlsd on records with a verifiable reference).
+What is sampled and scored is the method's `plan` (vlrlcd/methods/): K candidates ranked against the
+anchor by default; fewer, none, or not ranked where the method says so.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from vlrlcd.adapters.base import Prefix, StudentAdapter, TokenLogprobs
+from vlrlcd.adapters.base import Prefix, StudentAdapter
 from vlrlcd.datasets.records import Record
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.ranking.core import margins, target_distribution
+from vlrlcd.methods import get_method
 from vlrlcd.ranking.scorers import BATCH_SCORERS, ScoreItem, Scores, get_scorer
 from vlrlcd.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from vlrlcd.methods.base import Method
+
 
 @dataclass(frozen=True)
 class RolloutPlan:
@@ -36,35 +39,11 @@ class RolloutPlan:
     score_with: str
 
 
-def has_verifier(record: Record) -> bool:
-    """Whether `score_record` can check an answer to this record (reference, choices or caption objects)."""
-    from vlrlcd.errors import VlrlcdError
-    from vlrlcd.evaluation.metrics import resolve_metric
-
-    try:
-        resolve_metric(record)
-    except VlrlcdError:
-        return False
-    return True
-
-
-def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record, lockstep: bool = False) -> RolloutPlan:
-    """What `rollout` samples and scores for `cfg.objective` on this record. In `lockstep` (FSDP) the plan
-    must not depend on the record: rlsd then ranks every group (its reward still prefers the verifier)."""
-    obj = cfg.objective
-    if obj == "sft2":
-        return RolloutPlan(0, "none", rcfg.score_with)
-    if obj == "single_pair_dpo":
-        return RolloutPlan(1, "none", rcfg.score_with)
-    if obj == "self_ppo":
-        return RolloutPlan(1, "plain", rcfg.score_with)
-    if obj == "judge_grpo":
-        return RolloutPlan(cfg.k, "none", rcfg.score_with)
-    if obj == "rlsd":
-        return RolloutPlan(cfg.k, "none" if has_verifier(record) and not lockstep else "anchor", rcfg.score_with)
-    if obj == "anchor_grpo":  # the reward is the frozen SFT model's judgement, whatever score_with says
-        return RolloutPlan(cfg.k, "anchor", "sft")
-    return RolloutPlan(cfg.k, "anchor", rcfg.score_with)
+def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record, lockstep: bool = False,
+                 method: Method | None = None) -> RolloutPlan:
+    """What `rollout` samples and scores for this record: the method's (default `cfg.objective`'s) plan. In
+    `lockstep` (FSDP) the plan must not depend on the record."""
+    return (method or get_method(cfg.objective)).plan(cfg, rcfg, record, lockstep)
 
 
 @dataclass
@@ -80,9 +59,6 @@ class Group:
     scores: Scores | None
     margins: torch.Tensor   # [K] (or [0] when not ranked)
     target: torch.Tensor    # [K] (or [0])
-    # this group's slices of the loop's batched log-prob passes over the candidates (steps.batched_passes:
-    # "policy", "reference", "privileged"); empty: the group loss runs its own passes
-    passes: dict[str, TokenLogprobs] = field(default_factory=dict)
 
     @property
     def ranked(self) -> bool:
@@ -122,14 +98,15 @@ def rollout(student: StudentAdapter, record: Record, anchor: str, cfg: TrainConf
 
 
 def rollout_batch(student: StudentAdapter, records: Sequence[Record], anchors: Sequence[str], cfg: TrainConfig,
-                  rcfg: RankingConfig, max_new_tokens: int, generators: Sequence[torch.Generator]) -> list[Group]:
+                  rcfg: RankingConfig, max_new_tokens: int, generators: Sequence[torch.Generator],
+                  method: Method | None = None) -> list[Group]:
     """`[rollout(student, records[i], anchors[i], ..., generators[i])]` with the step's sampling batched: every
     prefix is built first (one vision pass per image), all prompts with the same k sample in ONE
     `sample_batch` decode, then each group is scored and ranked on its own (no gradient)."""
     if not len(records) == len(anchors) == len(generators):
         raise ValueError(f"one anchor and one generator per record: {len(records)}, {len(anchors)}, {len(generators)}")
-    lockstep = student.lockstep is not None
-    plans = [rollout_plan(cfg, rcfg, r, lockstep=lockstep) for r in records]
+    lockstep, method = student.lockstep is not None, method or get_method(cfg.objective)
+    plans = [method.plan(cfg, rcfg, r, lockstep) for r in records]
     prefixes = [student.prefix(r.prompt, r.image) for r in records]
     with torch.no_grad():
         candidates = sample_plans(student, prefixes, plans, cfg.temperature, max_new_tokens, list(generators))
