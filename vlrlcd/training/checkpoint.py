@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import fsync_dir
 
 DIR = "checkpoints"
 PREFIX = "step-"
@@ -154,7 +155,7 @@ def save_checkpoint(stage_dir: str | Path, step: int, student, optimizer: torch.
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(stage_dir, keep)
     return final
 
@@ -235,17 +236,4 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(root)
