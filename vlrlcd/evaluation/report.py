@@ -289,7 +289,7 @@ def _rollout_card(run_dir: Path, row: dict, logged: int, pred: dict | None, reco
     return f'<details class="prompt"{" open" if is_open else ""}>{head}{"".join(body)}</details>'
 
 
-MAIN_METHOD = "ldl_grpo"   # the toolkit's method (DESIGN.md), shown first when the run's objective is not known
+MAIN_METHOD = "ldl_grpo"   # the toolkit's method (README, Methods), shown first when the run's objective is not known
 
 
 def main_method(run_dir: Path, candidates: list[str]) -> str | None:
