@@ -63,7 +63,7 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_config(bad)
 
 
-def _old_run_config(tmp_path, **removed) -> "Path":
+def _old_run_config(tmp_path, **removed):
     """RUN/config.yaml as an earlier version saved it: every key, the removed ones among them."""
     import yaml
 

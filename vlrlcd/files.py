@@ -1,8 +1,10 @@
-"""Files: the one atomic write (temp file in the same folder, fsync, rename) and the one JSON-lines reader."""
+"""Files: the one atomic write (temp file in the same folder, fsync, rename), the one JSON-lines reader, a file's
+sha256."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -59,6 +61,15 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

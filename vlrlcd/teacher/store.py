@@ -22,6 +22,7 @@ from typing import Iterable
 
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import sha256_of
 from vlrlcd.teacher.base import TeacherAnswer, user_text
 from vlrlcd.teacher.config import TeacherConfig
 
@@ -55,11 +56,7 @@ CREATE TABLE IF NOT EXISTS judgements (
 
 @lru_cache(maxsize=65536)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of(path)
 
 
 def file_sha256(path: str | Path, what: str) -> str:
