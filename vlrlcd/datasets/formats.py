@@ -132,7 +132,7 @@ def _extract(data: bytes, name: str | None, ctx: Context) -> str:
     if not path.exists():
         try:
             ctx.extract_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, data)
+            atomic_write(path, data, fsync=False)   # many files, each written once under its hash
         except OSError as e:
             raise VlrlcdError(f"cannot write embedded images to {ctx.extract_dir}: {e.strerror or e}; check run_dir") from None
     return str(path)
