@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sqlite3
 
 import pytest
@@ -75,27 +74,6 @@ def test_anchors_for_maps_every_record_with_the_same_prompt(tmp_path):
         assert (s.prompts, s.calls, s.stored, teacher.calls) == (3, 3, 3, 3)
         assert store.anchors_for(recs, cfg) == {f"r{i}": f"a{i % 3}" for i in range(7)}
         assert store.missing(recs + [Record(id="new", prompt="q9", reference="a9")], cfg)[0].id == "new"
-
-
-def test_export_import_roundtrip(tmp_path):
-    cfg = TeacherConfig(paraphrase_rate=0.5)
-    recs = [Record(id=f"r{i}", prompt=f"q{i}", reference=f"a{i}") for i in range(5)]
-    with AnchorStore(tmp_path / "one.sqlite") as one:
-        fill_anchors(cfg, recs, one, progress=False)
-        one.put_failure("deadbeef", Record(id="x", prompt="x"), cfg, "timeout", "t")
-        assert one.export_jsonl(tmp_path / "anchors.jsonl") == 5
-        expected = one.anchors_for(recs, cfg)
-    lines = [json.loads(x) for x in (tmp_path / "anchors.jsonl").read_text().splitlines()]
-    assert {d["id"] for d in lines} == {r.id for r in recs} and all("anchor" in d and "key" in d for d in lines)
-    with AnchorStore(tmp_path / "two.sqlite") as two:
-        assert two.import_jsonl(tmp_path / "anchors.jsonl") == 5
-        assert two.import_jsonl(tmp_path / "anchors.jsonl") == 0
-        assert two.anchors_for(recs, cfg) == expected
-        teacher = OracleTeacher(cfg)
-        assert fill_anchors(cfg, recs, two, progress=False, teacher=teacher).calls == 0 and teacher.calls == 0
-        (tmp_path / "bad.jsonl").write_text('{"id": "r0", "answer": "a0"}\n')
-        with pytest.raises(VlrlcdError, match=r"bad.jsonl:1: .*teacher.backend=jsonl"):
-            two.import_jsonl(tmp_path / "bad.jsonl")
 
 
 class CountingJudge:

@@ -4,6 +4,7 @@ teacher calls counted at the teacher, in-process memory measurement, and the tab
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 pytest.importorskip("trl")
 
 from bench import step_time, teacher_calls  # noqa: E402
-from bench.memory import measure, reset_peak  # noqa: E402
+from bench.memory import _status_kb, measure, reset_peak  # noqa: E402
 from bench.models import build, build_text_small  # noqa: E402
 from bench.table import report  # noqa: E402
 from bench.vision import _images_in_call  # noqa: E402
@@ -74,12 +75,28 @@ def test_images_in_call_reads_grid_rows_or_pixel_batch():
     assert _images_in_call((torch.zeros(40, 1176), torch.ones(5, 3, dtype=torch.long)), {}) == 5
 
 
+def test_reset_peak_lowers_the_high_water_mark_to_the_current_rss():
+    """A freed 128 MB block stays in VmHWM until reset_peak(); after it VmHWM is the RSS of now. Where the
+    kernel has no /proc/self/clear_refs to write, it says so and the mark stays where it was."""
+    block = bytearray(128 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])   # touch every page: resident
+    del block                                    # an mmap'd block: handed back to the kernel
+    before = _status_kb("VmHWM")
+    assert before >= _status_kb("VmRSS") + 100 * 1024
+    if os.access("/proc/self/clear_refs", os.W_OK):   # Linux >= 4.0
+        assert reset_peak() is True
+        assert _status_kb("VmHWM") <= _status_kb("VmRSS") + 16 * 1024
+    else:
+        assert reset_peak() is False and _status_kb("VmHWM") >= before
+
+
 def test_memory_measure_in_process(tmp_path):
-    assert reset_peak() in (True, False)
+    resettable = reset_peak()
     path = build_text_small(tmp_path)
     m = measure(str(path), "none", k=2, batch=1, max_new_tokens=3, steps=1)
     assert m["params"] > 0 and 0 < m["trainable_params"] < m["params"]
     assert m["weight_mb"] == pytest.approx(m["params"] * 4 / 2**20, abs=0.06)   # fp32 in memory, bf16 on disk
+    assert (m["step_peak_rss_mb"] is None) == (not resettable)   # a step peak exactly where the mark can be reset
     if m["step_peak_rss_mb"] is not None:
         assert m["step_peak_rss_mb"] >= m["rss_after_load_mb"] - 1
 

@@ -21,6 +21,7 @@ import yaml
 from test_resume_digest import RUN
 from vlrlcd import cli
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import sha256_of
 from vlrlcd.pipeline import STAGE_FILE
 from vlrlcd.training import checkpoint as ckpt
 
@@ -67,7 +68,7 @@ def newest(run: Path) -> Path:
 def reseal(path: Path) -> None:
     """Update meta.json's checksums as someone who can write the checkpoint could."""
     meta = ckpt.read_meta(path)
-    meta["sha256"] = {n: ckpt._sha256(path / n) for n in (ckpt.TENSORS, ckpt.STATE)}
+    meta["sha256"] = {n: sha256_of(path / n) for n in (ckpt.TENSORS, ckpt.STATE)}
     (path / ckpt.META).write_text(json.dumps(meta), encoding="utf-8")
 
 

@@ -39,17 +39,31 @@ def test_eval_with_judge_is_paid_once(tmp_path, capsys):
     import json
     from pathlib import Path
 
+    from vlrlcd.config import load_config
+    from vlrlcd.datasets.records import Record
+    from vlrlcd.evaluation.metrics import length_controlled_win_rate
+    from vlrlcd.teacher.oracle import OracleTeacher
+
     recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_text_arithmetic.yaml"
     run = tmp_path / "run"
     common = [str(recipe), f"run_dir={run}", "data.train_size=8", "data.eval_size=4", "train.objective=sft",
               "train.sft_epochs=1", "--no-progress"]
     assert main(["train", *common]) == 0
     adapter = run / "sft" / "adapter"
+    results = []
     for expected_calls in (4, 0):
         assert main(["eval", *common, "--adapter", str(adapter), "--judge"]) == 0
         result = json.loads((run / "sft" / "eval.json").read_text())
         assert result["judge_calls"] == expected_calls and result["n"] == 4
-        assert 0.0 <= result["win_rate"] <= 1.0 and 0.0 <= result["lc_win_rate"] <= 1.0
+        results.append(result)
+    # the win rates are those of the teacher's (oracle) judgements of the predictions against the references
+    preds = [json.loads(x) for x in (run / "sft" / "predictions.jsonl").read_text().splitlines()]
+    oracle = OracleTeacher(load_config(recipe, common[1:-1]).teacher)
+    wins = [oracle.judge(Record(p["id"], p["prompt"], reference=p["reference"]), p["prediction"]) for p in preds]
+    assert results[0]["win_rate"] == pytest.approx(sum(wins) / 4)
+    assert results[0]["lc_win_rate"] == pytest.approx(length_controlled_win_rate(
+        wins, [len(p["prediction"]) for p in preds], [len(p["reference"]) for p in preds]))
+    assert {**results[1], "judge_calls": 4} == results[0]   # the stored judgements, not new ones
     capsys.readouterr()
 
 

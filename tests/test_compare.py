@@ -11,6 +11,7 @@ import pytest
 from vlrlcd.compare import COLUMNS, format_compare, parse_objectives, run_compare
 from vlrlcd.config import load_config
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.evaluation.metrics import exact_match
 
 TINY = ["data.task=arithmetic", "data.train_size=4", "data.eval_size=2", "student.name_or_path=tiny-text",
         "student.tiny.vocab_size=300", "student.tiny.hidden_size=64", "student.tiny.num_layers=1",
@@ -57,8 +58,12 @@ def test_compare_writes_one_table_from_one_sft_start(tmp_path, monkeypatch):
     rows = dict(zip(methods, result["rows"]))
     for name in ("sft", "sft2", "single_pair_dpo", "judge_grpo"):
         row = rows[name]
-        assert row["error"] is None and row["metric"] == "accuracy" and 0.0 <= row["value"] <= 1.0
+        assert row["error"] is None and row["metric"] == "accuracy"
         assert row["n"] == 2 and row["seconds"] > 0 and row["train_seconds"] is not None
+        preds = [json.loads(x) for x in (run / name / "predictions.jsonl").read_text().splitlines()]
+        assert len(preds) == 2 and [p["correct"] for p in preds] == [
+            float(exact_match(p["prediction"], p["reference"])) for p in preds]
+        assert row["value"] == pytest.approx(sum(p["correct"] for p in preds) / 2)   # the rows' mean, not a copy
     assert all(rows[m]["teacher_calls"] == 4 and rows[m]["stage2_teacher_calls"] == 0 for m in methods[:3])
     assert "simulated failure" in rows["anchor_grpo"]["error"]
     # judge_grpo: the teacher judged each distinct candidate once (1 step x 2 prompts x K=2), stored

@@ -88,3 +88,53 @@ def test_method_sections_and_the_flat_keys_they_replace(tmp_path):
         load_config(p)
     with pytest.raises(VlrlcdError, match=r"train.grpo.loss_type 'ppo' is not one of"):
         load_config(None, ["train.grpo.loss_type=ppo"])
+
+
+def _old_run_config(tmp_path, **removed):
+    """RUN/config.yaml as an earlier version saved it: every key, the removed ones among them."""
+    import yaml
+
+    from vlrlcd.config import to_dict
+
+    d = to_dict(Config())
+    for dotted, value in removed.items():
+        section, key = dotted.split("__")
+        d[section][key] = value
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
+    return p
+
+
+def test_a_removed_key_at_its_old_default_loads_with_one_note(tmp_path, capsys, monkeypatch):
+    import vlrlcd.config as config
+
+    monkeypatch.setattr(config, "_noted", set())
+    p = _old_run_config(tmp_path, teacher__call_in_training=False)
+    assert load_config(p) == load_config(None)
+    assert load_config(p, ["teacher.call_in_training=false"]) == load_config(None)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("note: ignoring config key 'teacher.call_in_training: false' (removed")
+    assert "vlrlcd anchors CONFIG" in err[0]
+
+
+def test_a_removed_key_asking_for_something_is_a_one_line_error(tmp_path, capsys):
+    from vlrlcd.cli import main
+
+    p = _old_run_config(tmp_path, teacher__call_in_training=True)
+    with pytest.raises(VlrlcdError, match=r"config key 'teacher.call_in_training' was removed \(training never "
+                                          r"calls the teacher.*\); delete it from the config"):
+        load_config(p)
+    with pytest.raises(VlrlcdError, match="'teacher.call_in_training' was removed"):
+        load_config(None, ["teacher.call_in_training=true"])
+    assert main(["anchors", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: config key 'teacher.call_in_training' was removed")
+
+
+def test_train_log_every_is_removed(tmp_path, monkeypatch):
+    import vlrlcd.config as config
+
+    monkeypatch.setattr(config, "_noted", set())
+    assert load_config(_old_run_config(tmp_path, train__log_every=1)) == load_config(None)
+    with pytest.raises(VlrlcdError, match="'train.log_every' was removed"):
+        load_config(None, ["train.log_every=10"])

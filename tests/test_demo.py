@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from vlrlcd.demo import QUICK, TASKS as DEMO_TASKS, demo_config
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.evaluation.metrics import exact_match
 
 # task -> (its held-out metric, by how much quick SFT must beat the chance level)
 TASKS = {"vqa": ("accuracy", 0.1), "captions": ("caption_attributes", 0.1), "text": ("accuracy", 0.15)}
@@ -51,8 +52,11 @@ def test_quick_vqa_demo_learns_moves_and_a_rerun_costs_no_teacher_calls(tmp_path
     out = tmp_path / "demo"
     summary, stdout, seconds = _demo(out)   # --task vqa is the default
     assert summary["task"] == "vqa" and set(summary["methods"]) == {"sft", "ldl_grpo"}
-    for m in summary["methods"].values():
-        assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == summary["eval_prompts"] == 128
+    for name, m in summary["methods"].items():   # the accuracy is the held-out answers' exact match, re-scored here
+        preds = _rows(out / name / "predictions.jsonl")
+        assert m["n"] == len(preds) == summary["eval_prompts"] == 128
+        assert [p["correct"] for p in preds] == [float(exact_match(p["prediction"], p["reference"])) for p in preds]
+        assert m["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds), abs=1e-4)
     assert summary["train_prompts"] == 256
     # one teacher call per distinct training prompt, ever
     assert summary["teacher_calls"] == summary["distinct_train_prompts"] > 0

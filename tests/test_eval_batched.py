@@ -7,6 +7,7 @@ with the same calls on every process and the same answers."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -179,6 +180,7 @@ class FakeDist:
     rank: int
     world: int
     parts: list
+    sharded: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -225,6 +227,42 @@ def test_pipeline_eval_passes_the_configured_batch_size(monkeypatch, tmp_path):
     prep = SimpleNamespace(cfg=cfg, eval=[Record("a", "q", None, "r")])
     assert _eval(None, prep, tmp_path, False) == {"accuracy": 1.0, "n": 1}
     assert seen == {"batch_size": 3, "max_new_tokens": 5}
+
+
+def test_sharded_stage_evaluation_decodes_eval_batch_size_at_a_time(students, images, monkeypatch, tmp_path):
+    """A stage on a sharded base: every process decodes the held-out prompts `eval.batch_size` at a time."""
+    from vlrlcd.pipeline import _evaluate_stage
+
+    student = students["llava"]
+    recs = records("llava", images)
+    calls = SampleBatchCalls(student, monkeypatch)
+    prep = SimpleNamespace(cfg=SimpleNamespace(eval=EvalConfig(max_new_tokens=M, batch_size=2, train_prompts=0)),
+                           eval=recs)
+    metrics = _evaluate_stage(student, prep, tmp_path, FakeDist(0, 1, [None]), progress=False)
+    assert calls.sizes == [2, 2, 2, 1] and metrics["n"] == 7
+    assert [p["prediction"] for p in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())] \
+        == one_at_a_time(student, recs)
+
+
+def test_cli_eval_passes_the_configured_batch_size(students, monkeypatch, tmp_path, capsys):
+    """`vlrlcd eval CONFIG eval.batch_size=3 --adapter A`: the held-out prompts are decoded 3 at a time."""
+    import vlrlcd.adapters.loader as loader
+    import vlrlcd.datasets.load as load
+    import vlrlcd.pipeline as pipeline
+    from vlrlcd.cli import main
+
+    student = students["llama"]
+    calls = SampleBatchCalls(student, monkeypatch)
+    monkeypatch.setattr(pipeline, "built_student_config", lambda cfg: cfg.student)
+    monkeypatch.setattr(loader, "load_student", lambda *args, **kwargs: student)
+    monkeypatch.setattr(load, "load_splits", lambda cfg: SimpleNamespace(eval=records("llama", [])))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\n", encoding="utf-8")
+    assert main(["eval", str(cfg), "eval.batch_size=3", f"eval.max_new_tokens={M}", "--adapter",
+                 str(tmp_path / "adapter"), "--no-progress"]) == 0
+    assert calls.sizes == [3, 3, 1]
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 7
+    capsys.readouterr()
 
 
 def test_pipeline_eval_also_scores_the_first_training_prompts(monkeypatch, tmp_path):

@@ -22,7 +22,6 @@ from vlrlcd.evaluation.metrics import (
     predicted_choice,
     resolve_metric,
     score_record,
-    score_records,
     win_rates,
 )
 
@@ -134,13 +133,11 @@ def test_score_record_dispatch():
     assert score_record(cap, "a red circle and blue squares") == 1.0
     assert score_record(cap, "a red circle", metric="exact_match") == 1.0
     assert score_record(mc, "(B)") == 1.0 and score_record(mc, "A") == 0.0
-    assert score_records([vqa, vqa], ["Red.", "blue"]) == [1.0, 0.0]
+    assert score_record(vqa, "Red.") == 1.0 and score_record(vqa, "blue") == 0.0
     with pytest.raises(VlrlcdError, match="'b1'"):
         score_record(bare, "hi")
     with pytest.raises(VlrlcdError, match="unknown eval metric 'bleu'"):
         score_record(vqa, "red", metric="bleu")
-    with pytest.raises(VlrlcdError, match="2 records but 1 predictions"):
-        score_records([vqa, vqa], ["red"])
 
 
 def test_judge_win_rate_counts_ties_as_half():

@@ -1,6 +1,6 @@
 """LDL-GRPO moves the policy toward D_x: one optimizer step on a fixed group raises the log-probability of
 the high-D candidates relative to the low-D ones, for both forms of q_θ (mean-token and summed) and with the
-KL to the SFT policy on and off (the directional test STAGE2-MEASUREMENTS.md asks for)."""
+KL to the SFT policy on and off."""
 
 from __future__ import annotations
 

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from vlrlcd.objectives.common import aggregate_tokens, per_token_kl, sequence_scores
-from vlrlcd.objectives.dpo import dpo_loss, pair_logps
+from vlrlcd.objectives.dpo import dpo_loss
 from vlrlcd.objectives.grpo import group_advantages, grpo_loss
 from vlrlcd.objectives.ldl_grpo import ldl_grpo_loss
 from vlrlcd.objectives.ppo import ppo_clip_loss, update_baseline
 from vlrlcd.objectives.rlsd import rlsd_lambda, rlsd_loss, rlsd_token_advantages
 from vlrlcd.objectives.sft import sft_loss
 from vlrlcd.objectives.tvkd import rest_logp, topk_with_rest, tvkd_dpo_loss, tvkd_values
-from vlrlcd.ranking.pairs import ANCHOR
 
 PAD = -77.0  # garbage on padding: any leak of it into a loss shows up at once
 
@@ -188,23 +187,11 @@ def test_dpo_loss_hand_computed():
 
 def test_dpo_with_no_pairs_is_zero_and_still_backpropagates():
     lp = torch.zeros(2, 3, requires_grad=True)
-    c, r = pair_logps(lp, [])
+    c = r = lp.reshape(-1)[:0]  # no pair: empty, still attached to the graph
     loss, metrics = dpo_loss(c, r, c.detach(), r.detach(), 0.1)
     assert loss.item() == 0.0 and metrics["pairs"] == 0.0
     loss.backward()
     assert torch.equal(lp.grad, torch.zeros(2, 3))
-
-
-def test_pair_logps_gathers_candidates_and_the_anchor():
-    seq = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]], requires_grad=True)
-    anchor = torch.tensor([-0.5, -0.25])
-    c, r = pair_logps(seq, [(0, 2, 1), (1, ANCHOR, 0), (1, 1, ANCHOR)], anchor)
-    assert torch.equal(c, torch.tensor([-3.0, -0.25, -5.0]))
-    assert torch.equal(r, torch.tensor([-2.0, -4.0, -0.25]))
-    (c.sum() - r.sum()).backward()
-    assert torch.equal(seq.grad, torch.tensor([[0.0, -1.0, 1.0], [-1.0, 1.0, 0.0]]))
-    with pytest.raises(ValueError, match="anchor_logp"):
-        pair_logps(seq, [(0, ANCHOR, 1)])
 
 
 # --- grpo ----------------------------------------------------------------------------------------

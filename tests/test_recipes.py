@@ -4,6 +4,7 @@ student, only the recipe differs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,17 @@ from vlrlcd.adapters.loader import quantization_config, skip_modules
 from vlrlcd.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# recipe -> the student family it is written for (read from the checkpoint's architecture, not from the YAML)
 REAL = {
-    "llava15_7b_vqa_qlora.yaml": ("llava-hf/llava-1.5-7b-hf", "4bit", "llava"),
-    "qwen25vl_3b_caption_qlora.yaml": ("Qwen/Qwen2.5-VL-3B-Instruct", "4bit", "qwen2_5_vl"),
-    "qwen2vl_2b_vqa.yaml": ("Qwen/Qwen2-VL-2B-Instruct", "none", "qwen2_vl"),
-    "qwen25_15b_text_math.yaml": ("Qwen/Qwen2.5-1.5B-Instruct", "none", "text"),
+    "llava15_7b_vqa_qlora.yaml": "llava",
+    "qwen25vl_3b_caption_qlora.yaml": "qwen2_5_vl",
+    "qwen2vl_2b_vqa.yaml": "qwen2_vl",
+    "qwen25_15b_text_math.yaml": "text",
 }
+# the memory figures a recipe's header states (`vlrlcd plan`'s total, as configured and with group_chunk=1)
+PLAN_CLAIM = re.compile(r"\s+(?:#\s*)?".join(   # words may wrap onto the next comment line
+    ["`vlrlcd plan`", "estimates", r"([\d.]+)", "GiB", "for", "one", "RL", "step", "as", "configured,", r"([\d.]+)",
+     "GiB", "with", r"train\.group_chunk=1"]))
 
 
 def test_every_recipe_loads_and_validates():
@@ -28,21 +34,31 @@ def test_every_recipe_loads_and_validates():
     for name in names:
         cfg = load_config(CONFIGS / name)
         assert cfg.train.k >= 2 and cfg.student.max_new_tokens > 0, name
+    runs = [load_config(CONFIGS / n).run_dir for n in names]
+    assert len(set(runs)) == len(runs), runs   # two recipes never train into (or resume) the same run directory
+
+
+def _as_stated(gib: float) -> float:
+    """How a header states an estimate: whole GiB from 10 up, else one decimal."""
+    return float(round(gib)) if gib >= 10 else round(gib, 1)
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
-def test_real_checkpoint_recipes(name):
-    model, quant, family = REAL[name]
+def test_real_checkpoint_recipes(name, monkeypatch, tmp_path):
+    """A real recipe's checkpoint is of the family it is written for (its architecture, known offline), its
+    4-bit setting builds the quantization its family needs, and the memory its header states is what
+    `vlrlcd plan` estimates for it as configured and with train.group_chunk=1."""
+    import huggingface_hub.constants as hub
+
+    from vlrlcd.adapters.families import detect_family
+    from vlrlcd.plan import GiB, plan_config, read_config
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))   # the built-in table, whatever is cached
+    family = REAL[name]
     cfg = load_config(CONFIGS / name)
-    assert cfg.student.name_or_path == model and cfg.student.quantization == quant
-    assert cfg.student.compute_dtype == "bfloat16" and cfg.train.objective == "ldl_grpo"
-    assert cfg.run_dir.startswith("runs/")
-    if family == "text":
-        assert cfg.data.task == "arithmetic"
-    else:
-        assert cfg.data.task == "file" and cfg.data.train_path and cfg.data.eval_path
+    assert detect_family(read_config(cfg.student.name_or_path)[0], cfg.student.family).name == family
     bnb = quantization_config(cfg.student, FAMILIES[family])
-    if quant == "4bit":
+    if cfg.student.quantization == "4bit":
         assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
         assert set(skip_modules(FAMILIES[family])) <= set(bnb.llm_int8_skip_modules)
     else:
@@ -50,6 +66,13 @@ def test_real_checkpoint_recipes(name):
     # overrides reach the student section like on the command line
     over = load_config(CONFIGS / name, ["student.lora.r=8", "student.quantization=8bit"])
     assert over.student.lora.r == 8 and quantization_config(over.student, FAMILIES[family]).load_in_8bit
+    claim = PLAN_CLAIM.search((CONFIGS / name).read_text(encoding="utf-8"))
+    assert claim, f"{name}: the header states no `vlrlcd plan` estimate"
+    as_configured = plan_config(cfg)[0].total / GiB
+    cfg.train.group_chunk = 1
+    chunked = plan_config(cfg)[0].total / GiB
+    assert (float(claim[1]), float(claim[2])) == (_as_stated(as_configured), _as_stated(chunked)), \
+        f"{name}: `vlrlcd plan` now estimates {as_configured:.3g} and {chunked:.3g} GiB; update the header"
 
 
 def test_recipe_typos_are_named():

@@ -40,3 +40,21 @@ def test_hf_teacher_answers_greedily_once_per_prompt(teacher_dir, tmp_path):
         assert set(s.failures_by_kind) <= {"empty"}
         again = fill_anchors(cfg, recs, store, progress=False, teacher=teacher)
         assert again.calls == s.failed and teacher.calls == 4 + s.failed  # only failed prompts are asked again
+
+
+def test_hf_teacher_is_the_saved_model_frozen_in_eval_mode_without_a_lora(teacher_dir):
+    """The teacher answers with the checkpoint's own weights: no peft wrapper, no LoRA, nothing trainable,
+    no dropout (eval mode)."""
+    from safetensors.torch import load_file
+
+    teacher = HfTeacher(TeacherConfig(backend="hf", model=str(teacher_dir), max_tokens=4))
+    model = teacher.adapter.model
+    assert not hasattr(model, "peft_config") and not any("lora" in n for n, _ in model.named_parameters())
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    saved = {}
+    for f in sorted(teacher_dir.glob("*.safetensors")):
+        saved.update(load_file(f))
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in saved.values())
+    assert teacher.answer(Record(id="t", prompt="What is 3 + 4?")).text == \
+        teacher.adapter.generate([Record(id="t", prompt="What is 3 + 4?")], 4)[0].strip()

@@ -76,6 +76,7 @@ def cmd_eval(args) -> int:
     from vlrlcd.adapters.loader import load_student
     from vlrlcd.datasets.load import load_splits
     from vlrlcd.evaluation.evaluate import evaluate
+    from vlrlcd.files import write_json
     from vlrlcd.pipeline import built_student_config
 
     cfg = _config(args)
@@ -84,11 +85,12 @@ def cmd_eval(args) -> int:
     if not records:
         raise VlrlcdError("the held-out split is empty: set data.eval_path or data.eval_size")
     out = Path(args.out) if args.out else Path(args.adapter).parent
-    res = evaluate(student, records, cfg.eval.max_new_tokens, cfg.eval.metric, out, progress=not args.no_progress)
+    res = evaluate(student, records, cfg.eval.max_new_tokens, cfg.eval.metric, out, progress=not args.no_progress,
+                   batch_size=cfg.eval.batch_size)
     result = res.to_json()
     if args.judge:
         result.update(judge_eval(cfg, records, [p["prediction"] for p in res.predictions]))
-        (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_json(out / "eval.json", result, indent=2)
     print(json.dumps(result))
     print(f"wrote {out / 'eval.json'} and {out / 'predictions.jsonl'}")
     return 0

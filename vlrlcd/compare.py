@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_open, write_json
 from vlrlcd.training.config import OBJECTIVES
 
 COLUMNS = ("method", "metric", "value", "n", "teacher_calls", "stage2_teacher_calls", "local_teacher_passes",
@@ -50,17 +51,10 @@ def _anchor_calls(prep) -> int:
 def last_metrics_row(method_dir: Path) -> dict:
     """The last step row of RUN/<method>/metrics.jsonl ({} when there is none): its `seconds` is the
     training time, and the loop keeps cumulative stage-II teacher counters there."""
-    path = method_dir / "metrics.jsonl"
-    last: dict = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                last = row
-    return last
+    from vlrlcd.evaluation.rundir import read_rows
+
+    rows = read_rows(method_dir / "metrics.jsonl").rows
+    return rows[-1] if rows else {}
 
 
 def _count(metrics: dict, last: dict, key: str) -> int:
@@ -95,16 +89,12 @@ def write_tables(run_dir: str | Path, result: dict) -> tuple[Path, Path]:
     """RUN/compare.json (the whole result) and RUN/compare.csv (one line per method), written atomically."""
     run = Path(run_dir)
     js, cs = run / "compare.json", run / "compare.csv"
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(js)
-    tmp = cs.with_suffix(".csv.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    write_json(js, result, indent=2, fsync=False)
+    with atomic_open(cs, newline="", fsync=False) as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         for row in result["rows"]:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
-    tmp.replace(cs)
     return js, cs
 
 

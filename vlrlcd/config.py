@@ -1,7 +1,8 @@
 """Config: one dataclass per section, YAML in, dotted `key.sub=value` overrides on the command line.
 
 Each section's dataclass lives beside the code it configures; this module composes them and does the
-generic work: nested dict -> dataclasses with type checks, unknown keys named with the closest valid one.
+generic work: nested dict -> dataclasses with type checks, unknown keys named with the closest valid one,
+keys an earlier version had (`REMOVED_KEYS`) ignored at their old default with a note, else an error.
 Every numeric key has a declared range (`RANGES` in its dataclass, checked by `validate()`: vlrlcd/ranges.py).
 A section written as `null` (e.g. `train:` with every key commented out) means its defaults.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from vlrlcd.adapters.config import StudentConfig
 from vlrlcd.datasets.config import DataConfig
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.evaluation.config import EvalConfig
+from vlrlcd.files import atomic_write
 from vlrlcd.ranges import check_ranges
 from vlrlcd.ranking.config import RankingConfig
 from vlrlcd.teacher.config import TeacherConfig
@@ -43,6 +46,32 @@ class Config:
 
     def validate(self) -> None:
         check_ranges(self, "")
+
+
+# Keys an earlier version had (and wrote into every RUN/config.yaml) that this one dropped: key -> (the value it
+# saved by default, what to know instead). That value is ignored with a one-line note, so old run directories
+# still load and resume (the key never changed a result); any other value asked for something nothing does.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "train.log_every": (1, "every optimizer step is logged to STAGE/metrics.jsonl"),
+    "teacher.call_in_training": (False, "training never calls the teacher: `vlrlcd anchors CONFIG` (or `vlrlcd "
+                                        "train`, which fills the store first) gives every prompt its anchor"),
+}
+_noted: set[str] = set()
+
+
+def _removed_key(key: str, value: Any) -> bool:
+    """True for a removed key at the value old versions saved (noted once per process, to be skipped); a
+    removed key at another value is a VlrlcdError; False for a key that was never removed."""
+    if key not in REMOVED_KEYS:
+        return False
+    default, instead = REMOVED_KEYS[key]
+    if value != default or type(value) is not type(default):
+        raise VlrlcdError(f"config key '{key}' was removed ({instead}); delete it from the config")
+    if key not in _noted:
+        _noted.add(key)
+        print(f"note: ignoring config key '{key}: {yaml.safe_dump(value).splitlines()[0]}' (removed: {instead}); "
+              "delete it from the config", file=sys.stderr)
+    return True
 
 
 def _unknown_key(name: str, valid: list[str], where: str, cls: type | None = None) -> VlrlcdError:
@@ -127,6 +156,8 @@ def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in (d or {}).items():
         if k not in names:
+            if _removed_key(prefix + str(k), v):
+                continue
             raise _unknown_key(str(k), names, prefix, cls)
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     obj = cls(**kwargs)
@@ -146,6 +177,8 @@ def _set_dotted(d: dict, cls: type, dotted: str, raw: str) -> None:
     for i, p in enumerate(parts):
         names = [f.name for f in dataclasses.fields(node_cls)]
         if p not in names:
+            if i == len(parts) - 1 and _removed_key(where + p, yaml.safe_load(raw) if raw != "" else ""):
+                return
             raise _unknown_key(p, names, where, node_cls)
         if i == len(parts) - 1:
             node[p] = yaml.safe_load(raw) if raw != "" else ""
@@ -189,4 +222,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -35,7 +35,7 @@ QUICK = {
                  "train.sft_copy_pairs=1", *_QUICK_RL],
     "text": ["data.train_size=256", "data.eval_size=128", "train.sft_epochs=48", *_QUICK_RL],
 }
-# Stage II methods the demo compares, all from the same SFT start (DESIGN.md's methods table).
+# Stage II methods the demo compares, all from the same SFT start (README, Methods).
 METHODS = ("sft2", "single_pair_dpo", "anchor_rank_dpo", "ldl_grpo")
 
 

@@ -22,6 +22,7 @@ from vlrlcd.adapters.config import StudentConfig
 from vlrlcd.config import Config, save_config
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import write_json
 
 if TYPE_CHECKING:
     from vlrlcd.training.distributed import Dist
@@ -217,12 +218,6 @@ def _read_json(path: Path) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    tmp.replace(path)
-
-
 def stage_record(stage_dir: Path) -> dict | None:
     """What an earlier run recorded for this stage: stage.json when it finished, else inputs.json (written when
     it started) if a checkpoint followed; None when nothing was kept. A record this version cannot check
@@ -332,7 +327,7 @@ def _evaluate_stage(student, prep: Prepared, out: Path, dist: "Dist | None", pro
     if dist is not None and dist.sharded and prep.eval:  # sharded: every process takes part in the evaluation
         from vlrlcd.evaluation.evaluate import generate_sharded
 
-        answers = generate_sharded(student, prep.eval, prep.cfg.eval.max_new_tokens, dist)
+        answers = generate_sharded(student, prep.eval, prep.cfg.eval.max_new_tokens, dist, prep.cfg.eval.batch_size)
     return _eval(student, prep, out, progress, answers) if dist is None or dist.is_main else {}
 
 
@@ -364,7 +359,7 @@ def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist
             dist.prepare_student(student)
         metrics = {**_evaluate_stage(student, prep, out, dist, progress), "seconds": metrics.get("seconds")}
         if main:
-            _write_json(out / STAGE_FILE, {"done": True, **record, "eval_digest": digest_of(evals),
+            write_json(out / STAGE_FILE, {"done": True, **record, "eval_digest": digest_of(evals),
                                            "eval_inputs": evals, "metrics": metrics})
         if dist is not None:
             dist.barrier()
@@ -373,7 +368,7 @@ def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / STAGE_FILE).unlink(missing_ok=True)
-        _write_json(out / INPUTS_FILE, record)
+        write_json(out / INPUTS_FILE, record)
     t0, prior = time.time(), _prior_seconds(out, continuing)
     student = load()
     if dist is not None:
@@ -385,7 +380,7 @@ def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist
     metrics = _evaluate_stage(student, prep, out, dist, progress)
     if main:
         metrics = {**metrics, "seconds": round(time.time() - t0 + prior, 1)}
-        _write_json(out / STAGE_FILE, {"done": True, **record, "eval_digest": digest_of(evals), "eval_inputs": evals,
+        write_json(out / STAGE_FILE, {"done": True, **record, "eval_digest": digest_of(evals), "eval_inputs": evals,
                                        "metrics": metrics})
     if dist is not None:
         dist.barrier()
@@ -471,11 +466,7 @@ def write_summary(run_dir: str | Path, summary: dict) -> Path:
         if d is not None:
             entry.update(diff_entry(d))
     summary["paired_bootstrap"] = {"reference": REFERENCE, "resamples": RESAMPLES, "seed": SEED, "level": LEVEL}
-    path = Path(run_dir) / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json(Path(run_dir) / "summary.json", summary, indent=2)
 
 
 def format_table(summary: dict) -> str:

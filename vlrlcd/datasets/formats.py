@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from vlrlcd.datasets.config import DataConfig
 from vlrlcd.datasets.records import Entry, Problem, Record
 from vlrlcd.datasets.sources import Row, Table
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_write
 
 FIELDS = ("id", "prompt", "image", "reference", "choices", "meta")
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -132,9 +132,7 @@ def _extract(data: bytes, name: str | None, ctx: Context) -> str:
     if not path.exists():
         try:
             ctx.extract_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write(path, data, fsync=False)   # many files, each written once under its hash
         except OSError as e:
             raise VlrlcdError(f"cannot write embedded images to {ctx.extract_dir}: {e.strerror or e}; check run_dir") from None
     return str(path)

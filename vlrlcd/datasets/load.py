@@ -24,6 +24,7 @@ from vlrlcd.datasets.formats import Context, detect_format, to_entries
 from vlrlcd.datasets.records import Entry, Problem, Record, read_jsonl, write_jsonl
 from vlrlcd.datasets.sources import read_source, source_kind
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_open, write_json
 
 GENERATOR_VERSION = 1   # bump when a generator's output changes, so cached data is regenerated
 
@@ -128,9 +129,7 @@ def _generate_all(cfg, folder: Path, manifest: dict) -> None:
     held = generate(cfg, "eval", cfg.data.eval_size, images, {synthetic.record_key(r) for r in train})
     write_jsonl(train, folder / "train.jsonl")
     write_jsonl(held, folder / "eval.jsonl")
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(folder / "manifest.json")
+    write_json(folder / "manifest.json", manifest)
 
 
 def _load_synthetic(cfg) -> Splits:
@@ -181,7 +180,7 @@ def read_split(cfg, split: str) -> SplitSource | None:
 
 
 def _write_skipped(path: Path, problems: list[tuple[str, Problem]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for split, p in problems:
             f.write(json.dumps({"split": split, **p.to_json()}, ensure_ascii=True) + "\n")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_open, json_lines
 
 
 @dataclass
@@ -39,40 +40,32 @@ def _relative_image(image: str | None, folder: Path) -> str | None:
 
 
 def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
-    """Write records as JSONL; image paths inside the file's folder are written relative to it."""
+    """Write records as JSONL, atomically; image paths inside the file's folder are written relative to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for r in records:
             d = r.to_json()
             if "image" in d:
                 d["image"] = _relative_image(d["image"], path.parent)
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 
-def json_error(e: json.JSONDecodeError) -> str:
-    """'Expecting value at column 5', 'Unterminated string starting at column 3' (json's own message ends
-    in 'at' for some errors: the column is appended once)."""
-    msg = e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg
-    return f"{msg} at column {e.colno}"
-
-
 def iter_json_lines(path: str | Path, what: str = "") -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) for each non-blank line; a missing file or bad JSON names file and line."""
+    """(line number, parsed value) for each non-blank line; a missing file, bad JSON or bytes that are not
+    UTF-8 name file and line."""
     path = Path(path)
     if not path.exists():
         raise VlrlcdError(f"{what}{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VlrlcdError(f"{path}:{lineno}: not valid JSON ({json_error(e)})") from None
+    for line in json_lines(path, errors="surrogateescape"):
+        if line.error is not None:
+            raise VlrlcdError(f"{path}:{line.lineno}: not valid JSON ({line.error})")
+        try:
+            line.text.encode("utf-8")
+        except UnicodeEncodeError:  # bad bytes, kept as lone surrogates by the decoding
+            raise VlrlcdError(f"{path}:{line.lineno}: not valid UTF-8; save the file as UTF-8") from None
+        yield line.lineno, line.value
 
 
 def read_jsonl(path: str | Path) -> list[Record]:

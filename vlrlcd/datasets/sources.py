@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlrlcd.datasets.records import json_error
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import json_error, json_lines, text_lines
 
 HF_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -54,29 +54,16 @@ def is_hub_id(path: str) -> bool:
     return bool(HUB_ID.match(path)) and not path.lower().endswith(DATA_SUFFIXES)
 
 
-def read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) for each non-blank line."""
-    out = []
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        text = decode(raw).rstrip("\r")
-        if text.strip():
-            out.append((lineno, text))
-    return out
-
-
 def read_jsonl_rows(path: Path) -> Table:
     rows = []
-    for i, (lineno, text) in enumerate(read_lines(path)):
-        where = f"{path}:{lineno}"
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            rows.append(Row(where, i, error=f"not valid JSON ({json_error(e)})"))
-            continue
-        if not isinstance(d, dict):
-            rows.append(Row(where, i, error=f"expected a JSON object, got {type(d).__name__}"))
-            continue
-        rows.append(Row(where, i, data=d))
+    for i, line in enumerate(json_lines(path, errors="surrogateescape")):
+        where = f"{path}:{line.lineno}"
+        if line.error is not None:
+            rows.append(Row(where, i, error=f"not valid JSON ({line.error})"))
+        elif not isinstance(line.value, dict):
+            rows.append(Row(where, i, error=f"expected a JSON object, got {type(line.value).__name__}"))
+        else:
+            rows.append(Row(where, i, data=line.value))
     return Table(str(path), "jsonl", rows)
 
 
@@ -114,7 +101,7 @@ def read_json_doc(path: Path) -> Table:
 
 
 def read_text_rows(path: Path) -> Table:
-    rows = [Row(f"{path}:{lineno}", i, data={"prompt": text, "line": lineno}) for i, (lineno, text) in enumerate(read_lines(path))]
+    rows = [Row(f"{path}:{lineno}", i, data={"prompt": text, "line": lineno}) for i, (lineno, text) in enumerate(text_lines(path))]
     return Table(str(path), "text", rows)
 
 

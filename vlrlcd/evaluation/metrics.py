@@ -267,14 +267,6 @@ def score_record(record: Record, prediction: str, metric: str = "auto") -> float
     return float(exact_match(prediction, record.reference))
 
 
-def score_records(records: Sequence[Record], predictions: Sequence[str],
-                  metric: str = "auto") -> list[float]:
-    """`score_record` over aligned lists."""
-    if len(records) != len(predictions):
-        raise VlrlcdError(f"{len(records)} records but {len(predictions)} predictions")
-    return [score_record(r, p, metric) for r, p in zip(records, predictions)]
-
-
 # --- judge win rates ------------------------------------------------------------------------------
 
 Judge = Callable[[Record, str, "str | None"], float]

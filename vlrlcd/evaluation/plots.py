@@ -9,6 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_open
 from vlrlcd.evaluation.rundir import method_names, read_json, read_rows
 
 CURVE_KEYS = (("loss", "loss"), ("margin_mean", "mean margin r"), ("kl", "KL to SFT policy"),
@@ -110,7 +111,6 @@ def write_curves(run_dir: str | Path) -> Path:
                 color="gray")
     fig.suptitle(f"vlrlcd run {run_dir.name} (dashed: SFT stage)")
     out = run_dir / "curves.png"
-    tmp = out.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(out)
+    with atomic_open(out, "wb", fsync=False) as f:
+        fig.savefig(f, format="png")
     return out

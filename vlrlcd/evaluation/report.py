@@ -8,7 +8,6 @@ pieces (no summary, no rollouts, no evaluation yet) become a note in the page, n
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
@@ -20,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_write
 from vlrlcd.evaluation.metrics import normalize_answer
 from vlrlcd.evaluation.plots import write_curves
 from vlrlcd.evaluation.rundir import method_names, read_json, read_records, read_rows, resolve_image
@@ -289,7 +289,7 @@ def _rollout_card(run_dir: Path, row: dict, logged: int, pred: dict | None, reco
     return f'<details class="prompt"{" open" if is_open else ""}>{head}{"".join(body)}</details>'
 
 
-MAIN_METHOD = "ldl_grpo"   # the toolkit's method (DESIGN.md), shown first when the run's objective is not known
+MAIN_METHOD = "ldl_grpo"   # the toolkit's method (README, Methods), shown first when the run's objective is not known
 
 
 def main_method(run_dir: Path, candidates: list[str]) -> str | None:
@@ -420,16 +420,12 @@ def write_report(run_dir: str | Path) -> Path:
     directory that cannot be written is a one-line VlrlcdError saying what to do."""
     run_dir = Path(run_dir)
     out = run_dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
     if run_dir.is_dir():
-        _check_writable(run_dir, tmp)
+        _check_writable(run_dir, out.with_name(out.name + ".probe"))
     page = render_report(run_dir)
     try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
+        atomic_write(out, page, fsync=False)
     except OSError as e:  # e.g. the disk filled up while writing
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise _unwritable(run_dir, out, e) from None
     return out
 

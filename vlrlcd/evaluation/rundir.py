@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vlrlcd.datasets.records import Record, read_jsonl
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import json_lines
 
 METHOD_FILES = ("metrics.jsonl", "rollouts.jsonl", "eval.json", "predictions.jsonl")
 
@@ -49,19 +50,11 @@ def read_rows(path: Path) -> Rows:
     out = Rows(exists=path.exists())
     if not out.exists:
         return out
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                out.skipped += 1
-                continue
-            if isinstance(d, dict):
-                out.rows.append(d)
-            else:
-                out.skipped += 1
+    for line in json_lines(path):
+        if isinstance(line.value, dict):
+            out.rows.append(line.value)
+        else:
+            out.skipped += 1
     return out
 
 

@@ -1,32 +1,10 @@
-"""Sigmoid DPO (arXiv 2305.18290) on sequence log-probs, and the pair gather DPO objectives share."""
+"""Sigmoid DPO (arXiv 2305.18290) on sequence log-probs."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from vlrlcd.ranking.pairs import ANCHOR
-
-
-def pair_logps(seq_logp: Tensor, pairs: list[tuple[int, int, int]],
-               anchor_logp: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Chosen and rejected sequence log-probs [P] for (b, chosen, rejected) triples over seq_logp [B, K].
-
-    k = ANCHOR (−1) takes anchor_logp[b] (anchor_logp: [B], needed when any triple names the anchor).
-    """
-    B, K = seq_logp.shape
-    if anchor_logp is not None:
-        table = torch.cat([seq_logp, anchor_logp.reshape(B, 1).to(seq_logp.dtype)], dim=1)
-    elif any(ANCHOR in (c, r) for _, c, r in pairs):
-        raise ValueError("pairs name the anchor (k = -1) but anchor_logp was not given")
-    else:
-        table = seq_logp
-    idx = torch.tensor(pairs, dtype=torch.long, device=seq_logp.device).reshape(-1, 3)
-    b = idx[:, 0]
-    chosen = idx[:, 1].masked_fill(idx[:, 1] == ANCHOR, K)
-    rejected = idx[:, 2].masked_fill(idx[:, 2] == ANCHOR, K)
-    return table[b, chosen], table[b, rejected]
 
 
 def preference_loss(chosen_reward: Tensor, rejected_reward: Tensor) -> tuple[Tensor, dict[str, float]]:

@@ -47,7 +47,6 @@ class TeacherConfig:
     backoff_s: float = 0.5             # first backoff; doubles per retry, with jitter
     max_backoff_s: float = 60.0        # cap on one wait; a longer Retry-After fails the prompt for this run
     quantization: str = "none"         # hf: none | 8bit | 4bit
-    call_in_training: bool = False     # not supported yet: training skips (and counts) prompts without an anchor
     error_rate: float = 0.0            # oracle: probability an anchor is wrong
     paraphrase_rate: float = 0.0       # oracle: probability an anchor is paraphrased
     seed: int = 0
@@ -60,9 +59,6 @@ class TeacherConfig:
     }
 
     def validate(self) -> None:
-        if self.call_in_training:
-            raise VlrlcdError("teacher.call_in_training is not supported yet: run `vlrlcd anchors CONFIG` (or "
-                              "`vlrlcd train`, which fills the store first) so every prompt has its anchor")
         if self.backend not in BACKENDS:
             raise VlrlcdError(f"teacher.backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
         check_ranges(self, "teacher.")

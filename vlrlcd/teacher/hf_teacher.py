@@ -1,6 +1,6 @@
 """The `hf` backend: a local Hugging Face model (text or vision-language) answering greedily through
-the adapters code (`vlrlcd.adapters.loader.load_student`), so any checkpoint a student can be, a
-teacher can be too."""
+the adapters code (`vlrlcd.adapters.loader.load_base`, no LoRA: the plain frozen model in eval mode), so any
+checkpoint a student can be, a teacher can be too."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ class HfTeacher:
     """Greedy decoding with at most `cfg.max_tokens` new tokens; one generation at a time (a lock)."""
 
     def __init__(self, cfg: TeacherConfig) -> None:
+        from vlrlcd.adapters.base import StudentAdapter
         from vlrlcd.adapters.config import StudentConfig
-        from vlrlcd.adapters.loader import load_student
+        from vlrlcd.adapters.loader import load_base
 
         self.cfg = cfg
-        self.adapter = load_student(
-            StudentConfig(name_or_path=cfg.model, quantization=cfg.quantization), trainable=False
-        )
+        model, processor, tokenizer, family = load_base(StudentConfig(name_or_path=cfg.model, quantization=cfg.quantization))
+        model.eval()
+        model.requires_grad_(False)
+        self.adapter = StudentAdapter(model, processor, tokenizer, family, cfg.model)
         self._lock = threading.Lock()
         self.calls = 0
 

@@ -22,6 +22,7 @@ from typing import Iterable
 
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import sha256_of
 from vlrlcd.teacher.base import TeacherAnswer, user_text
 from vlrlcd.teacher.config import TeacherConfig
 
@@ -55,11 +56,7 @@ CREATE TABLE IF NOT EXISTS judgements (
 
 @lru_cache(maxsize=65536)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of(path)
 
 
 def file_sha256(path: str | Path, what: str) -> str:
@@ -280,55 +277,3 @@ class AnchorStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (judgement_key(cfg, record, candidate, reference), record.id, candidate, reference, float(score), time.time()),
         )
-
-    # -- JSONL exchange
-    def export_jsonl(self, path: str | Path) -> int:
-        """Write every stored answer as one JSON line; returns the count."""
-        rows = self._query(
-            "SELECT key, record_id, backend, model, prompt, image_sha256, text, prompt_tokens, completion_tokens"
-            " FROM anchors WHERE status = 'ok' ORDER BY record_id, key"
-        )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for r in rows:
-                line = {"key": r["key"], "id": r["record_id"], "backend": r["backend"], "model": r["model"],
-                        "prompt": r["prompt"], "image_sha256": r["image_sha256"], "anchor": r["text"],
-                        "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"]}
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        return len(rows)
-
-    def import_jsonl(self, path: str | Path) -> int:
-        """Add the answers of an exported file (stored answers win); returns how many were new."""
-        path = Path(path)
-        if not path.exists():
-            raise VlrlcdError(f"{path}: no such file")
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    rows.append((d["key"], str(d.get("id", "")), d.get("backend", "?"), d.get("model", "?"),
-                                 d.get("prompt", ""), d.get("image_sha256"), str(d["anchor"]),
-                                 int(d.get("prompt_tokens", 0)), int(d.get("completion_tokens", 0)), time.time()))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise VlrlcdError(
-                        f"{path}:{lineno}: not an exported anchor line ({type(e).__name__}: {e}); each line needs"
-                        " 'key' and 'anchor' (for answers matched by record id use teacher.backend=jsonl)"
-                    ) from None
-        with self._lock:
-            try:
-                before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT INTO anchors (key, record_id, backend, model, prompt, image_sha256, status, text, attempts,"
-                    " prompt_tokens, completion_tokens, updated) VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, 0, ?, ?, ?)"
-                    " ON CONFLICT(key) DO UPDATE SET status = 'ok', text = excluded.text, error_kind = NULL,"
-                    " error = NULL WHERE anchors.status != 'ok'",
-                    rows,
-                )
-                self._db.commit()
-            except sqlite3.Error as e:
-                raise self._error(e) from None
-            return self._db.total_changes - before

@@ -14,7 +14,6 @@ meta.json records their sha256, checked before loading, so a damaged or altered 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import fsync_dir, sha256_of
 
 DIR = "checkpoints"
 PREFIX = "step-"
@@ -144,7 +144,7 @@ def save_checkpoint(stage_dir: str | Path, step: int, student, optimizer: torch.
     student.save(tmp / "adapter")
     torch.save(tensors, tmp / TENSORS)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state}, tmp / STATE)
-    sums = {name: _sha256(tmp / name) for name in (TENSORS, STATE)}
+    sums = {name: sha256_of(tmp / name) for name in (TENSORS, STATE)}
     (tmp / META).write_text(json.dumps({"step": step, **(meta or {}), "sha256": sums}, indent=1), encoding="utf-8")
     _fsync_tree(tmp)
     if final.exists():  # the same step written again (e.g. a resumed run that ends where it resumed)
@@ -154,7 +154,7 @@ def save_checkpoint(stage_dir: str | Path, step: int, student, optimizer: torch.
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(stage_dir, keep)
     return final
 
@@ -200,7 +200,7 @@ def read_tensors(path: Path, name: str) -> Any:
     if expected is None:
         raise bad_checkpoint(path, f"{META} records no checksum for {name} (written by an older vlrlcd?)")
     try:
-        if _sha256(path / name) != expected:
+        if sha256_of(path / name) != expected:
             raise bad_checkpoint(path, f"{name} does not match the checksum in {META} (damaged or altered)")
         return torch.load(path / name, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
@@ -218,14 +218,6 @@ def _first_line(e: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / META).read_text(encoding="utf-8"))
 
@@ -235,17 +227,4 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(root)

@@ -41,11 +41,10 @@ class TrainConfig:
     save_every: int = 0                # 0: only at the end
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
-    log_every: int = 1
     # infrastructure (vlrlcd/training/distributed.py, checkpoint.py)
     grad_accum: int = 1                # micro-batches per SFT step on each process (an RL group is always its own)
     mixed_precision: str = "no"        # no | bf16 | fp16: autocast (fp16 adds a dynamic loss scaler)
-    gradient_checkpointing: bool = False  # recompute activations in backward (SFT; the RL prefix cache forbids it)
+    gradient_checkpointing: bool = False  # recompute activations in backward (SFT and the RL passes)
     group_chunk: int = 0               # RL groups per batched policy / reference pass and backward (0: all of a process's prompts; lower bounds memory)
     tensorboard: bool = True           # RUN/<stage>/tb event files when tensorboard is installed
     # the methods' own sections, train.<section>.* (vlrlcd/methods/config.py)
@@ -61,7 +60,7 @@ class TrainConfig:
         "k": "[2, inf) a group to rank", "temperature": "(0, inf)", "beta": "[0, inf)",
         "grad_clip": "[0, inf) 0: no clipping", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)",
         "save_every": "[0, inf) 0: only at the end", "keep_checkpoints": "[0, inf) 0: keep all",
-        "max_bad_steps": "[1, inf)", "log_every": "[1, inf)", "grad_accum": "[1, inf)",
+        "max_bad_steps": "[1, inf)", "grad_accum": "[1, inf)",
         "group_chunk": "[0, inf) 0: all of a step's prompts in one pass",
     }
     # flat keys of earlier versions -> their section key (vlrlcd/config.py names the new key for an old one)

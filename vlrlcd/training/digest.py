@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 # train.* keys that never change a stage's weights
-_TRAIN_INFRA = {"save_every", "keep_checkpoints", "max_bad_steps", "log_every", "grad_accum", "gradient_checkpointing",
+_TRAIN_INFRA = {"save_every", "keep_checkpoints", "max_bad_steps", "grad_accum", "gradient_checkpointing",
                 "group_chunk", "tensorboard"}
 _SFT_KEYS = {"sft_epochs", "sft_lr", "sft_batch_size", "sft_copy_pairs"}
 _SHARED_KEYS = {"grad_clip", "weight_decay", "warmup_steps", "mixed_precision"}

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from vlrlcd.datasets.records import Record
 from vlrlcd.training.common import clipped_step, make_optimizer, seed_everything
+from vlrlcd.training.order import epoch_order
 
 PRETRAIN_SEED_OFFSET = 7919   # keeps pretraining scenes apart from every data split's seed stream
 NUMBER_MAX = 99               # number-sense pretraining covers 0..NUMBER_MAX
@@ -83,13 +84,7 @@ def pretrain_base(path: str | Path, records: list[Record], epochs: float, lr: fl
     for p in params:
         p.requires_grad_(True)
     n_items = max(1, int(round(epochs * len(data))))
-    order: list[int] = []
-    rng = random.Random(seed)
-    while len(order) < n_items:
-        epoch = list(range(len(data)))
-        rng.shuffle(epoch)
-        order.extend(epoch)
-    order = order[:n_items]
+    order = epoch_order(range(len(data)), n_items, seed)
     steps = (len(order) + batch_size - 1) // batch_size
     opt, sched = make_optimizer(params, lr, 0.0, steps, max(1, steps // 10))
     pad = student.pad_id

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_write
 from vlrlcd.training import checkpoint as ckpt
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist
@@ -124,9 +125,7 @@ class Session:
             raise ckpt.bad_checkpoint(latest, f"its step {self.start_step} lies outside this stage's {self.total} steps")
         self.resumed_from = latest
         if self.dist.is_main:  # the log holds exactly the checkpoint's steps; later ones are redone
-            tmp = self.log_file.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in self.rows), encoding="utf-8")
-            tmp.replace(self.log_file.path)
+            atomic_write(self.log_file.path, "".join(json.dumps(_clean(r)) + "\n" for r in self.rows))
             print(f"{self.stage}: resuming after step {self.start_step} from {latest}", file=sys.stderr, flush=True)
         self.dist.barrier()
 

@@ -23,6 +23,7 @@ from vlrlcd.training.common import (activation_checkpointing, digest, finish_ste
                                    seed_everything)
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
+from vlrlcd.training.order import epoch_order
 from vlrlcd.training.session import Session
 
 
@@ -79,14 +80,7 @@ def target_tokens(student: StudentAdapter, items: list[SFTItem]) -> int:
 
 def sft_order(items: list[SFTItem], epochs: float, seed: int) -> list[SFTItem]:
     """round(epochs · N) items: reshuffled passes over `items`, cut to length (a function of the seed only)."""
-    n = max(1, int(round(epochs * len(items))))
-    order: list[SFTItem] = []
-    rng = random.Random(seed)
-    while len(order) < n:
-        batch = list(items)
-        rng.shuffle(batch)
-        order.extend(batch)
-    return order[:n]
+    return epoch_order(items, max(1, int(round(epochs * len(items)))), seed)
 
 
 def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, out_dir: str | Path,

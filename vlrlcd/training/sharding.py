@@ -13,7 +13,7 @@ forwards and backwards ("lockstep"): `StudentAdapter.lockstep` makes sampling de
 process is done and always runs the continuation pass; the loops give every process the same number of
 prompts and micro-batches and always run the backward (a non-finite step is discarded afterwards on all).
 Every objective keeps its passes independent of the data in lockstep: a group without a preference pair or
-whose judge failed still runs its passes with weight 0, and rlsd ranks every group (tests/test_fsdp.py checks
+whose judge failed still runs its passes with weight 0, and rlsd ranks every group (tests/test_sharded.py checks
 the sequence of passes is the same for every kind of group).
 
 Settings come from the environment accelerate's launcher writes from the config file: FSDP_VERSION,
