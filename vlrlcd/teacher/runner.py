@@ -18,6 +18,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
@@ -230,120 +231,133 @@ def fill_anchors(
 def _fill(cfg: TeacherConfig, prompts: dict[str, Record], store: AnchorStore, progress: bool,
           teacher: Teacher | None) -> AnchorSummary:
     """The fill itself, under the lock: the statuses are read only once the lock is held."""
-    from tqdm import tqdm
-
     status = store.statuses(prompts)
     todo = [(k, r) for k, r in prompts.items() if status.get(k) != "ok"]
     summary = AnchorSummary(prompts=len(prompts), already_stored=len(prompts) - len(todo), max_calls=cfg.max_calls)
     if not todo:
         return summary
-    teacher = teacher if teacher is not None else build_teacher(cfg)
+    return _Fill(cfg, store, teacher if teacher is not None else build_teacher(cfg), summary).run(todo, progress)
 
-    budget = Budget(cfg.max_calls)
-    stop = threading.Event()
-    lock = threading.Lock()
-    queue = iter(todo)
-    failures: Counter = Counter()
-    fatal: list[TeacherCallError] = []
-    activity, reach = _Activity(), _Reachability()
-    bar = tqdm(total=len(todo), desc="anchors", unit="prompt", disable=not progress, file=sys.stderr)
 
-    def count(attr: str, n: int = 1) -> None:
-        with lock:
-            setattr(summary, attr, getattr(summary, attr) + n)
+class _Fill:
+    """One fill's workers: each takes the next prompt, asks the teacher with retries under the budget, and
+    stores the answer or the failure; a fatal error (bad key, dead endpoint) stops them all."""
 
-    def fail(key: str, record: Record, kind: str, message: str, attempts: int) -> None:
-        store.put_failure(key, record, cfg, kind, message, attempts)
-        with lock:
-            failures[kind] += 1
-            summary.failure_examples.setdefault(kind, message[:200])
+    def __init__(self, cfg: TeacherConfig, store: AnchorStore, teacher: Teacher, summary: AnchorSummary) -> None:
+        self.cfg, self.store, self.teacher, self.summary = cfg, store, teacher, summary
+        self.budget = Budget(cfg.max_calls)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.failures: Counter = Counter()
+        self.fatal: list[TeacherCallError] = []
+        self.activity, self.reach = _Activity(), _Reachability()
+        self.queue: Iterator[tuple[str, Record]] = iter(())
+        self.bar = None
 
-    def ask(record: Record) -> TeacherAnswer:
-        activity.calling()
+    def count(self, attr: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self.summary, attr, getattr(self.summary, attr) + n)
+
+    def fail(self, key: str, record: Record, kind: str, message: str, attempts: int) -> None:
+        self.store.put_failure(key, record, self.cfg, kind, message, attempts)
+        with self.lock:
+            self.failures[kind] += 1
+            self.summary.failure_examples.setdefault(kind, message[:200])
+
+    def ask(self, record: Record) -> TeacherAnswer:
+        self.activity.calling()
         try:
-            answer = teacher.answer(record)
+            answer = self.teacher.answer(record)
         except TeacherCallError as e:
-            raise reach.check(e) from None
+            raise self.reach.check(e) from None
         finally:
-            activity.returned()
-        reach.reached()
+            self.activity.returned()
+        self.reach.reached()
         return answer
 
-    def one(key: str, record: Record, rng: random.Random) -> None:
+    def store_answer(self, key: str, record: Record, answer: TeacherAnswer, attempts: int) -> None:
+        if self.store.put_answer(key, record, self.cfg, answer, attempts):  # only rows actually written count
+            with self.lock:
+                self.summary.stored += 1
+                self.summary.prompt_tokens += answer.prompt_tokens
+                self.summary.completion_tokens += answer.completion_tokens
+        else:
+            self.count("already_stored")
+
+    def one(self, key: str, record: Record, rng: random.Random) -> None:
         attempts = [0]
 
         def attempted() -> None:
             attempts[0] += 1
-            count("calls")
+            self.count("calls")
 
         def retrying(e: TeacherCallError) -> None:
-            activity.backing_off()
-            count("retries")
+            self.activity.backing_off()
+            self.count("retries")
 
         try:
-            answer = call_with_retries(lambda: ask(record), cfg, budget, stop, rng,
+            answer = call_with_retries(lambda: self.ask(record), self.cfg, self.budget, self.stop, rng,
                                        on_attempt=attempted, on_retry=retrying)
         except (OutOfBudget, Stopped):
-            count("remaining")
+            self.count("remaining")
             return
         except TeacherCallError as e:
             if e.fatal:
-                with lock:
-                    fatal.append(e)
-                stop.set()
-                count("remaining")
+                with self.lock:
+                    self.fatal.append(e)
+                self.stop.set()
+                self.count("remaining")
                 return
-            fail(key, record, e.kind, str(e), attempts[0])
+            self.fail(key, record, e.kind, str(e), attempts[0])
         except Exception as e:  # a backend bug must not lose the run: recorded, shown in the summary
             log.exception("teacher call for record '%s' raised", record.id)
-            fail(key, record, "error", f"{type(e).__name__}: {e}", attempts[0])
+            self.fail(key, record, "error", f"{type(e).__name__}: {e}", attempts[0])
         else:
-            if store.put_answer(key, record, cfg, answer, attempts[0]):  # only rows actually written count
-                with lock:
-                    summary.stored += 1
-                    summary.prompt_tokens += answer.prompt_tokens
-                    summary.completion_tokens += answer.completion_tokens
-            else:
-                count("already_stored")
+            self.store_answer(key, record, answer, attempts[0])
         finally:
-            activity.idle()
-        bar.update(1)
+            self.activity.idle()
+        self.bar.update(1)
 
-    def worker() -> None:
+    def worker(self) -> None:
         rng = random.Random()
         try:
             while True:
-                with lock:
-                    item = next(queue, None)
+                with self.lock:
+                    item = next(self.queue, None)
                 if item is None:
                     return
-                if stop.is_set():
-                    count("remaining")
+                if self.stop.is_set():
+                    self.count("remaining")
                     continue
-                one(*item, rng)
+                self.one(*item, rng)
         except BaseException:  # a damaged store: stop the others, re-raised below
-            stop.set()
+            self.stop.set()
             raise
 
-    n_workers = min(cfg.concurrency, len(todo))
-    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="teacher")
-    futures = [pool.submit(worker) for _ in range(n_workers)]
-    try:
-        while wait(futures, timeout=0.5).not_done:  # short waits keep Ctrl-C responsive and the bar current
-            bar.set_postfix_str(activity.describe())
-    except KeyboardInterrupt:
-        stop.set()
+    def run(self, todo: list[tuple[str, Record]], progress: bool) -> AnchorSummary:
+        from tqdm import tqdm
+
+        self.queue = iter(todo)
+        self.bar = tqdm(total=len(todo), desc="anchors", unit="prompt", disable=not progress, file=sys.stderr)
+        n_workers = min(self.cfg.concurrency, len(todo))
+        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="teacher")
+        futures = [pool.submit(self.worker) for _ in range(n_workers)]
+        try:
+            while wait(futures, timeout=0.5).not_done:  # short waits keep Ctrl-C responsive and the bar current
+                self.bar.set_postfix_str(self.activity.describe())
+        except KeyboardInterrupt:
+            self.stop.set()
+            pool.shutdown(wait=True)
+            self.bar.close()
+            raise
         pool.shutdown(wait=True)
-        bar.close()
-        raise
-    pool.shutdown(wait=True)
-    bar.close()
-    for f in futures:
-        f.result()
-    summary.failures_by_kind = dict(failures)
-    if fatal:
-        summary.fatal = str(fatal[0])
-    return summary
+        self.bar.close()
+        for f in futures:
+            f.result()
+        self.summary.failures_by_kind = dict(self.failures)
+        if self.fatal:
+            self.summary.fatal = str(self.fatal[0])
+        return self.summary
 
 
 class CachedJudge:
