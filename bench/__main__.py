@@ -55,6 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="start no further step-time row after this many seconds (default 1000: make bench < 20 min)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-teacher", action="store_true")
+    p.add_argument("--no-eval", action="store_true", help="skip the batched-evaluation row (bench/eval_speed.py)")
     p.add_argument("--out", default=None, help="results JSON (default bench/results.json; --quick: a temp file)")
     a = p.parse_args(argv)
     quick = a.quick
@@ -110,6 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as e:
                 results["memory"] = {"error": f"{type(e).__name__}: {str(e)[-500:]}"}
             log(f"memory: {json.dumps(results['memory'])[:400]}")
+        if not a.no_eval:
+            from bench import eval_speed
+
+            try:
+                student, records, max_new = eval_speed.demo_student(Path(work), None, 32 if a.quick else 128)
+                results["eval_speed"] = eval_speed.measure(student, records, max_new, 32, 1 if a.quick else 3)
+                del student
+            except Exception as e:
+                results["eval_speed"] = {"error": f"{type(e).__name__}: {str(e)[-500:]}"}
+            log(f"eval speed: {json.dumps(results['eval_speed'])[:300]}")
         for name in a.configs:
             arch, tiny = CONFIGS[name]
             try:

@@ -71,6 +71,19 @@ def teacher_table(t: dict) -> str:
     ])
 
 
+def eval_table(e: dict) -> str:
+    """Held-out greedy evaluation, batched against one prompt at a time (bench/eval_speed.py)."""
+    if "error" in e:
+        return f"eval speed: {e['error']}"
+    return "\n".join([
+        f"Greedy evaluation on the demo student ({e['n']} held-out prompts, max {e['max_new_tokens']} new tokens), "
+        f"one prompt at a time (A) against batch {e['batch']} (B), alternated, {e['reps']} pairs:",
+        "| seconds per prompt, A | seconds per prompt, B | speed-up A/B median [min, max] | same answers |",
+        "|---|---|---|---|",
+        f"| {e['one_ms'] / 1e3:.4f} | {e['batched_ms'] / 1e3:.4f} | {e['speedup_median']:.2f}x "
+        f"[{e['speedup_min']:.2f}, {e['speedup_max']:.2f}] | {'yes' if e['same_answers'] else 'NO'} |"])
+
+
 def report(results: dict) -> str:
     parts = [f"machine: {results['machine']['line']}", f"command: {results['command']}", "",
              step_table(results["step_time"])]
@@ -78,5 +91,7 @@ def report(results: dict) -> str:
         parts += ["", memory_table(results["memory"])]
     if "teacher_calls" in results:
         parts += ["", teacher_table(results["teacher_calls"])]
+    if "eval_speed" in results:
+        parts += ["", eval_table(results["eval_speed"])]
     parts += ["", f"total wall time: {results['wall_s']:.0f} s"]
     return "\n".join(parts)

@@ -119,3 +119,13 @@ def test_report_tables():
     assert "| qwen2_vl | – | – | RuntimeError: missing |" in text
     assert "| peak RSS during the step (MB) | 1600 | 1200 | 0.75 |" in text
     assert "| method's teacher cost | **8** (N) | **32** judgements (N·K) | **0.25** |" in text
+
+
+def test_report_has_the_batched_evaluation_row():
+    results = {"machine": {"line": "cpu x"}, "command": "python -m bench", "wall_s": 10.0, "step_time": [],
+               "eval_speed": {"n": 128, "batch": 32, "max_new_tokens": 8, "reps": 3, "one_ms": 20.0, "batched_ms": 2.5,
+                              "speedup_median": 8.0, "speedup_min": 7.1, "speedup_max": 8.3, "same_answers": True}}
+    text = report(results)
+    assert "one prompt at a time (A) against batch 32 (B)" in text
+    assert "| 0.0200 | 0.0025 | 8.00x [7.10, 8.30] | yes |" in text
+    assert "eval speed: RuntimeError: x" in report({**results, "eval_speed": {"error": "RuntimeError: x"}})
