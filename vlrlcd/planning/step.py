@@ -199,8 +199,8 @@ def _sampling(st: _Step) -> int:
     dec_logits = rows * arch.vocab * (dt.logits + 4)
     sampling = max(cache_pre + cache_final * L // (L + T), cache_final + layer_dup + dec_logits)
     sampling = max(sampling, _cache(arch, pre_rows, L, dt) + pre_rows * L * _layer_forward(arch, dt))
-    st.add(f"sampling: KV cache {rows} rows x {L + T} tokens" + ("" if st.batchable or peers else " (prompt by prompt)"),
-           cache_final, "sampling")
+    by_prompt = "" if st.batchable or peers else " (prompt by prompt)"
+    st.add(f"sampling: KV cache {rows} rows x {L + T} tokens{by_prompt}", cache_final, "sampling")
     return sampling
 
 
