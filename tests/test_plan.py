@@ -1,14 +1,16 @@
 """`vlrlcd plan`: the analytic memory plan against the measured peak of live tensor bytes of real RL steps
 (bench.memory.LiveTensorPeak, a TorchDispatchMode that tracks storages) on tiny students; the config lookup
 (local directory, the Hugging Face cache, the built-in table for hub ids not on disk); the CLI; and
-bench/gpu_check.py skipping cleanly without a GPU."""
+bench/gpu_check.py skipping cleanly without a GPU; what the method registry says a step runs; the modules' size."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 
 from bench.memory import LiveTensorPeak, plan_for_run, resident_tensors, rl_steps_peak
+from vlrlcd import methods
 from vlrlcd.adapters.config import LoraConfig, StudentConfig, TinyConfig
 from vlrlcd.adapters.loader import load_student
 from vlrlcd.adapters.tiny import BUILDERS
@@ -185,3 +188,49 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped: no CUDA device" in proc.stdout
     assert not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.parametrize("objective", [n for n in methods.names() if n != "tvkd_dpo"])  # tvkd_dpo needs a teacher
+def test_plan_follows_the_method_registry(objective):
+    """K, the scoring pass and the privileged pass come from the method's rollout plan and passes: self_ppo
+    scores its one sample without the anchor, rlsd adds the privileged pass, sft2 / DPO bound their own passes."""
+    cfg = load_config(ROOT / "configs" / "tiny_text_arithmetic.yaml", [f"train.objective={objective}"])
+    method = methods.get_method(objective)
+    rp = method.plan(cfg.train, cfg.ranking, Record(id="plan", prompt=""), True)
+    plan, _ = plan_config(cfg)
+    assert plan.settings.k == (rp.k or cfg.train.k)
+    assert ("scoring" in plan.phases) == (rp.score != "none")
+    scoring = [i.name for i in plan.items if i.phase == "scoring"]
+    assert scoring == ([] if rp.score == "none" else
+                       ["scoring pass (no grad): cache + logits" + (" (no anchor)" if rp.score == "plain" else "")])
+    assert ("privileged" in plan.phases) == ("privileged" in method.passes(cfg.train))
+    assert any("upper bound" in n for n in plan.notes) == (method.passes(cfg.train) == ())
+
+
+def test_plain_scoring_is_smaller_than_anchored():
+    """The plain scoring pass (prompt, K candidates) costs less than the anchored one (anchor in the prompt,
+    K candidates + the anchor) of the same step."""
+    cfg = load_config(ROOT / "configs" / "tiny_text_arithmetic.yaml", ["train.objective=self_ppo"])
+    arch = student_arch(cfg.student)
+    s = Settings.from_config(cfg)
+    score = lambda p: next(i.bytes for i in p.items if i.phase == "scoring")  # noqa: E731
+    shapes = Shapes(response_tokens=16)
+    assert score(plan_step(arch, s, shapes)) < score(plan_step(arch, replace(s, objective="anchor_grpo"), shapes))
+
+
+def test_plan_modules_within_size_limits():
+    """Issue 14: no planning module over 500 lines, no function over 80."""
+    files = [ROOT / "vlrlcd" / "plan.py", *sorted((ROOT / "vlrlcd" / "planning").glob("*.py"))]
+    for f in files:
+        src = f.read_text()
+        assert src.count("\n") <= 500, f
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, (f, node.name)
+
+
+def test_importing_the_planner_does_not_import_torch():
+    """The registry is read lazily: `import vlrlcd.plan` (the CLI's parse_size and Shapes) stays free of torch."""
+    code = "import sys, vlrlcd.plan; sys.exit('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
