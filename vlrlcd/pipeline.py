@@ -1,5 +1,5 @@
-"""The stages a run goes through, as functions the CLI sub-commands and the demo call:
-data -> anchors (teacher, once, stored) -> student -> SFT -> RL objective -> evaluation.
+"""The stages a run goes through, as functions `run.run_methods` calls in order:
+data -> anchors (teacher, once, stored) -> student base (student_base.py) -> SFT -> RL objective -> evaluation.
 
 Run directory layout (what `vlrlcd report` reads):
   RUN/config.yaml, RUN/data/, RUN/anchors.sqlite, RUN/student_base/ (tiny students only),

@@ -3,7 +3,7 @@ candidates for every prompt of the batch (one batched decode), rank the groups a
 with the student's own judgement (one batched scoring pass), and step on the method's loss: the log-prob
 passes it names over all groups in one batched pass each, every group's loss from its slice, one backward
 over their sum (`losses_and_backward`), then one clipped optimizer step. The teacher is never called from
-here. `train_rl` is the loop around it: checkpoints, resume, Ctrl-C, logging (session.py: checkpointer, step log, interrupt guard).
+here. `train_rl` is the loop around it: checkpoints, resume, Ctrl-C, logging (session.py).
 
 Per prompt and step the image goes through the vision tower once: the features are shared by the
 sampling prefix, the scoring prefix, and the policy and reference log-prob passes.
