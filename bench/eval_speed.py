@@ -3,7 +3,7 @@
     python -m bench.eval_speed [--run RUN_DIR] [--n 128] [--batch 32] [--reps 5] [--threads 1] [--out PATH]
 
 The student is the demo's tiny LLaVA (vlrlcd/configs/demo.yaml), built the way `vlrlcd demo` builds it: the
-demo's data, oracle anchors and tiny base pretrained on captions (`pipeline.prepare`, `pipeline.run_sft`), then
+demo's data, oracle anchors and tiny base pretrained on captions (`pipeline.prepare`, `student_base.build_student_base`, `pipeline.run_sft`), then
 its SFT adapter, so answers end at EOS as a trained student's do (a random student runs every answer to the
 token limit, which flatters batching). Without --run the demo recipe runs with --quick's data and training
 sizes (about a minute) but the recipe's own architecture; --run takes a finished demo run directory instead
@@ -32,7 +32,8 @@ def demo_student(work: Path, run: Path | None, n: int):
     """(student with the demo's SFT adapter, in eval mode; n held-out records; max new tokens)."""
     from vlrlcd.adapters.loader import load_student
     from vlrlcd.demo import QUICK, demo_config
-    from vlrlcd.pipeline import prepare, run_sft, student_config
+    from vlrlcd.pipeline import prepare, run_sft
+    from vlrlcd.student_base import build_student_base
 
     if run is not None:
         from vlrlcd.config import load_config
@@ -44,8 +45,9 @@ def demo_student(work: Path, run: Path | None, n: int):
         quick = [o for o in QUICK["vqa"] if not o.startswith(("student.tiny.num_layers", "train.rl"))]
         cfg = demo_config(work / "demo", quick=False, overrides=quick + [f"data.eval_size={n}"])
         prep = prepare(cfg, progress=False)
+        build_student_base(prep, rebuild_stale=True)
         adapter, _ = run_sft(prep, progress=False)
-    student = load_student(student_config(prep), adapter=adapter)
+    student = load_student(build_student_base(prep), adapter=adapter)
     student.model.eval()
     records = prep.eval[:n]
     if len(records) < n:

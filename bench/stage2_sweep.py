@@ -63,16 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from vlrlcd.adapters.loader import load_student
     from vlrlcd.demo import demo_config
-    from vlrlcd.pipeline import prepare, run_sft, student_config
+    from vlrlcd.pipeline import prepare, run_sft, stage_record
+    from vlrlcd.run import build_base
+    from vlrlcd.student_base import built_student_config
     from vlrlcd.training.rl import train_rl
     from vlrlcd.training.steps import make_context
 
     t0 = time.time()
     cfg = demo_config(args.out, args.seed, False, args.overrides, task=args.task)
     prep = prepare(cfg, progress=False)
+    build_base(prep, None, fresh=stage_record(Path(cfg.run_dir) / "sft") is None)
     sft_adapter, _ = run_sft(prep, progress=False, resume=True)
     out = Path(args.out) / "sweep" / args.name
-    scfg = student_config(prep)
+    scfg = built_student_config(cfg)
     cache = Path(args.out) / "sweep" / "sft_scores.json"
     base = json.loads(cache.read_text()) if cache.exists() else None
     if base is None or len(base["eval"]) != len(prep.eval):

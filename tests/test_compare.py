@@ -40,11 +40,11 @@ def test_compare_writes_one_table_from_one_sft_start(tmp_path, monkeypatch):
 
     real_run_rl, starts = pipeline.run_rl, []
 
-    def run_rl(prep, sft_adapter, objective=None, progress=True, resume=False):
+    def run_rl(prep, sft_adapter, objective=None, progress=True, resume=False, dist=None):
         starts.append(sft_adapter)
         if objective == "anchor_grpo":
             raise VlrlcdError("anchor_grpo: simulated failure")
-        return real_run_rl(prep, sft_adapter, objective, progress=progress, resume=resume)
+        return real_run_rl(prep, sft_adapter, objective, progress=progress, resume=resume, dist=dist)
 
     monkeypatch.setattr(pipeline, "run_rl", run_rl)
     run = tmp_path / "run"

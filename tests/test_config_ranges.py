@@ -18,7 +18,6 @@ from vlrlcd.config import Config, load_config
 from vlrlcd.demo import TASKS, demo_config
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranges import Range, parse_range, ranges_of
-from vlrlcd.teacher.config import TeacherConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "tiny_text_arithmetic.yaml"

@@ -234,7 +234,7 @@ def test_report_shows_the_paired_difference_against_sft(tmp_path):
     """The summary table's Δ vs SFT column: from summary.json when write_summary recorded it, else from the two
     predictions files (make_run: ldl_grpo fixes e0, so d = [1, 0, 0] on the 3 shared prompts)."""
     from vlrlcd.evaluation.stats import paired_bootstrap
-    from vlrlcd.pipeline import write_summary
+    from vlrlcd.summary import write_summary
 
     run = make_run(tmp_path / "run")
     want = paired_bootstrap([0.0, 1.0, 1.0], [1.0, 1.0, 1.0])

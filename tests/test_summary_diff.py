@@ -1,5 +1,5 @@
-"""Every shown result carries its paired difference against SFT: `pipeline.write_summary` adds it from the
-methods' predictions.jsonl files, `pipeline.format_table` and `compare.format_compare` print it as a
+"""Every shown result carries its paired difference against SFT: `summary.write_summary` adds it from the
+methods' predictions.jsonl files, `summary.format_table` and `compare.format_compare` print it as a
 `Δ vs SFT [95% CI]` column (old keys and columns kept)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from vlrlcd.compare import COLUMNS, format_compare, with_diff
 from vlrlcd.evaluation.stats import paired_bootstrap
-from vlrlcd.pipeline import format_table, write_summary
+from vlrlcd.summary import format_table, write_summary
 
 SFT = [1, 0, 0, 1, 0, 1, 0, 0]
 GRPO = [1, 1, 0, 1, 1, 1, 0, 1]

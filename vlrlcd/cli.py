@@ -32,26 +32,16 @@ def cmd_anchors(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vlrlcd.pipeline import (begin_stages, format_table, prepare, run_rl, run_sft, student_config,
-                                 write_summary)
+    from vlrlcd.run import run_methods
+    from vlrlcd.summary import format_table
     from vlrlcd.training.distributed import setup_distributed
-    from vlrlcd.training.session import TrainingInterrupted
+    from vlrlcd.training.interrupts import TrainingInterrupted
 
     cfg = _config(args)
     dist = setup_distributed(cfg.train.mixed_precision)
-    progress = not args.no_progress
-    resume = args.resume or args.restart_stage is not None
-    stages = ["sft"] + ([cfg.train.objective] if cfg.train.objective != "sft" else [])
     try:
-        begin_stages(cfg, stages, resume, args.restart_stage, main=dist.is_main)  # before anything is written
-        prep = prepare(cfg, progress=progress and dist.is_main, dist=dist)
-        with dist.main_first():
-            student_config(prep)  # a tiny student is built once, by process 0
-        sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=resume, dist=dist)
-        methods = {"sft": sft_metrics}
-        if cfg.train.objective != "sft":
-            _, methods[cfg.train.objective] = run_rl(prep, sft_adapter, progress=progress, resume=resume,
-                                                     dist=dist)
+        summary = run_methods(cfg, [cfg.train.objective], dist, args.resume, progress=not args.no_progress,
+                              restart=args.restart_stage)
     except TrainingInterrupted as e:
         if dist.is_main:
             again = " ".join(["vlrlcd train", args.config, *args.overrides, "--resume"])
@@ -62,11 +52,7 @@ def cmd_train(args) -> int:
     finally:
         dist.close()
     if dist.is_main:
-        summary = {"methods": methods, "teacher_calls": prep.teacher_calls, "train_prompts": len(prep.train),
-                   "eval_prompts": len(prep.eval), "seconds": sum(m.get("seconds", 0) for m in methods.values()),
-                   "processes": dist.world}
-        write_summary(cfg.run_dir, summary)
-        print(format_table(summary))
+        print(format_table(summary.to_json()))
     return 0
 
 
@@ -77,7 +63,7 @@ def cmd_eval(args) -> int:
     from vlrlcd.datasets.load import load_splits
     from vlrlcd.evaluation.evaluate import evaluate
     from vlrlcd.files import write_json
-    from vlrlcd.pipeline import built_student_config
+    from vlrlcd.student_base import built_student_config
 
     cfg = _config(args)
     student = load_student(built_student_config(cfg), adapter=args.adapter, trainable=False)
@@ -116,17 +102,20 @@ def judge_eval(cfg, records, predictions) -> dict:
 
 
 def cmd_compare(args) -> int:
-    from vlrlcd.compare import format_compare, parse_objectives, run_compare
-    from vlrlcd.pipeline import begin_stages
+    from vlrlcd.compare import format_compare, run_compare
+
+    from vlrlcd.training.distributed import setup_distributed
 
     cfg = _config(args)
-    names = parse_objectives(args.objectives)
-    resume = args.resume or args.restart_stage is not None
-    if resume:  # check the stages against this config before any work; forget the one(s) restarted
-        begin_stages(cfg, ["sft"] + [n for n in names if n != "sft"], resume, args.restart_stage)
-    result = run_compare(cfg, names, progress=not args.no_progress, resume=resume)
-    print(format_compare(result))
-    print(f"wrote {Path(cfg.run_dir) / 'compare.csv'} and {Path(cfg.run_dir) / 'compare.json'}")
+    dist = setup_distributed(cfg.train.mixed_precision)
+    try:
+        result = run_compare(cfg, args.objectives, progress=not args.no_progress, resume=args.resume,
+                             restart=args.restart_stage, dist=dist)
+    finally:
+        dist.close()
+    if dist.is_main:
+        print(format_compare(result))
+        print(f"wrote {Path(cfg.run_dir) / 'compare.csv'} and {Path(cfg.run_dir) / 'compare.json'}")
     return 0
 
 

@@ -2,23 +2,25 @@
 teacher budget, as one table of held-out metric, teacher calls and wall time per method.
 
 The data and the anchors are prepared once (the teacher is asked once per prompt), stage I (SFT) runs
-once, and every objective starts from that SFT adapter (`pipeline.run_rl`). Writes RUN/compare.csv and
-RUN/compare.json after every method (a long run that stops keeps the rows it finished), and merges
-the methods into RUN/summary.json for `vlrlcd report`.
+once, and every objective starts from that SFT adapter (`run.run_methods`). Writes RUN/compare.csv and
+RUN/compare.json after every method (a long run that stops keeps the rows it finished); RUN/summary.json
+is the one summary schema (summary.py) that `vlrlcd report` reads.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import time
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.files import atomic_open, write_json
+from vlrlcd.summary import Summary
 from vlrlcd.training.config import OBJECTIVES
+
+if TYPE_CHECKING:
+    from vlrlcd.training.distributed import Dist
 
 COLUMNS = ("method", "metric", "value", "n", "teacher_calls", "stage2_teacher_calls", "local_teacher_passes",
            "train_seconds", "seconds", "error", "diff_vs_sft", "diff_low", "diff_high", "diff_n")
@@ -39,13 +41,6 @@ def parse_objectives(objectives: str | list[str]) -> list[str]:
     if not names:
         raise VlrlcdError("--objectives is empty; give a comma-separated list, e.g. sft2,single_pair_dpo,ldl_grpo")
     return names
-
-
-def _anchor_calls(prep) -> int:
-    """Teacher calls the anchors cost: one per distinct prompt that has a stored anchor."""
-    from vlrlcd.teacher.store import anchor_key
-
-    return len({anchor_key(prep.cfg.teacher, r) for r in prep.train if r.id in prep.anchors})
 
 
 def last_metrics_row(method_dir: Path) -> dict:
@@ -98,65 +93,45 @@ def write_tables(run_dir: str | Path, result: dict) -> tuple[Path, Path]:
     return js, cs
 
 
-def _merge_summary(run_dir: Path, result: dict) -> None:
-    from vlrlcd.pipeline import write_summary
-
-    path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        summary = {}
-    if not isinstance(summary, dict):
-        summary = {}
-    methods = summary.get("methods") if isinstance(summary.get("methods"), dict) else {}
-    for row in result["rows"]:
-        if row.get("error") is None:
-            entry = {"n": row["n"], "seconds": row["seconds"]}   # the shape pipeline.format_table reads
-            if row["metric"]:
-                entry[row["metric"]] = row["value"]
-            methods[row["method"]] = entry
-    summary.update({"methods": methods, "teacher_calls": result["teacher_calls_this_run"],
-                    "anchors": result["anchor_calls"], "train_prompts": result["train_prompts"],
-                    "eval_prompts": result["eval_prompts"]})
-    write_summary(run_dir, summary)
+def compare_result(summary: Summary, names: list[str], run_dir: Path) -> dict:
+    """The table so far: {"rows": [sft, then each of `names` that finished or failed, in order],
+    "anchor_calls", "teacher_calls_this_run", ...}."""
+    rows = []
+    for name in ["sft"] + [n for n in names if n != "sft"]:
+        if name in summary.errors:
+            row = {**{k: None for k in COLUMNS}, "method": name, "error": summary.errors[name]}
+        elif name in summary.methods:
+            row = method_row(name, summary.methods[name], summary.anchor_calls, run_dir / name)
+        else:
+            continue
+        rows.append(with_diff(row, run_dir))
+    return {"rows": rows, "objectives": names, "anchor_calls": summary.anchor_calls,
+            "teacher_calls_this_run": summary.teacher_calls, "train_prompts": summary.train_prompts,
+            "eval_prompts": summary.eval_prompts, "seed": summary.seed, "seconds": summary.seconds}
 
 
-def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume: bool = False) -> dict:
-    """Prepare once, SFT once, then each objective from the SFT adapter; returns the table as
-    {"rows": [one per method, sft first], "anchor_calls", "teacher_calls_this_run", ...}.
+def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume: bool = False,
+                restart: str | None = None, dist: "Dist | None" = None) -> dict:
+    """Prepare once, SFT once, then each objective from the SFT adapter (`run.run_methods`); returns the
+    table (`compare_result`), written to RUN/compare.csv and RUN/compare.json after every method.
 
-    With `resume`, stages an earlier run finished are reused and an unfinished one continues from its
-    newest checkpoint (pipeline's resume), so an interrupted comparison picks up where it stopped.
+    With `resume` (implied by `restart`), stages an earlier run finished are reused and an unfinished one
+    continues from its newest checkpoint, so an interrupted comparison picks up where it stopped.
     An objective that fails with a user error (VlrlcdError) gets a row with `error` and the others still
     run; anything else propagates.
     """
-    from vlrlcd.pipeline import prepare, run_rl, run_sft
+    from vlrlcd.run import run_methods
 
-    names = parse_objectives(objectives)
-    for name in names:  # fail before any training: e.g. tvkd_dpo without a teacher
-        replace(cfg.train, objective=name).validate()
-    t0 = time.time()
-    prep = prepare(cfg, progress)
-    run = Path(cfg.run_dir)
-    anchors = _anchor_calls(prep)
-    result = {"rows": [], "objectives": names, "anchor_calls": anchors, "teacher_calls_this_run": prep.teacher_calls,
-              "train_prompts": len(prep.train), "eval_prompts": len(prep.eval), "seed": cfg.seed, "seconds": 0.0}
-    sft_adapter, sft_metrics = run_sft(prep, progress=progress, resume=resume)
-    result["rows"].append(with_diff(method_row("sft", sft_metrics, anchors, run / "sft"), run))
-    result["seconds"] = round(time.time() - t0, 1)
-    write_tables(run, result)
-    for name in names:
-        if name == "sft":
-            continue
-        try:
-            _, metrics = run_rl(prep, sft_adapter, name, progress=progress, resume=resume)
-            row = method_row(name, metrics, anchors, run / name)
-        except VlrlcdError as e:
-            row = {**{k: None for k in COLUMNS}, "method": name, "error": str(e)}
-        result["rows"].append(with_diff(row, run))
-        result["seconds"] = round(time.time() - t0, 1)
-        write_tables(run, result)
-    _merge_summary(run, result)
+    names, run = parse_objectives(objectives), Path(cfg.run_dir)
+    result: dict = {}
+
+    def record(name: str, summary: Summary) -> None:
+        if dist is None or dist.is_main:
+            result.clear()
+            result.update(compare_result(summary, names, run))
+            write_tables(run, result)
+
+    run_methods(cfg, names, dist, resume, progress, restart=restart, keep_going=True, on_method=record)
     return result
 
 

@@ -10,14 +10,12 @@ vlrlcd/configs/.
 
 from __future__ import annotations
 
-import time
 from importlib import resources
 from pathlib import Path
 
 from vlrlcd.config import Config, apply_overrides, from_dict
 from vlrlcd.errors import VlrlcdError
-from vlrlcd.evaluation.chance import anchor_score
-from vlrlcd.pipeline import format_table, prepare, run_rl, run_sft, write_summary
+from vlrlcd.summary import format_table
 
 # Each task's embedded recipe (vlrlcd/configs/).
 RECIPES = {"vqa": "demo.yaml", "captions": "demo_captions.yaml", "text": "demo_text.yaml"}
@@ -58,55 +56,27 @@ def demo_config(out: str | Path, seed: int = 0, quick: bool = False, overrides: 
     return from_dict(Config, apply_overrides(raw, extra))
 
 
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
-
-
-def chance(prep) -> float | None:
-    """The held-out chance level of the run's task (see evaluation/chance.py); None without a held-out split."""
-    from vlrlcd.evaluation.chance import chance_level
-
-    return round(chance_level(prep.train, prep.eval, prep.cfg.eval.metric), 4) if prep.eval else None
-
-
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
              overrides: list[str] | None = None, progress: bool = True, task: str = "vqa") -> dict:
-    """Run one demo task end to end; writes OUT/summary.json (and the report) and returns the summary."""
-    t0 = time.time()
+    """Run one demo task end to end (`run.run_methods`); writes OUT/summary.json and the report, prints the
+    table beside the chance level, and returns the summary as written."""
+    from vlrlcd.run import run_methods
+
     cfg = demo_config(out, seed, quick, overrides, task)
-    prep = prepare(cfg, progress)
-    sft_adapter, sft_metrics = run_sft(prep, progress=progress)
-    methods = {"sft": sft_metrics}
-    for objective in (("ldl_grpo",) if quick else METHODS):
-        _, methods[objective] = run_rl(prep, sft_adapter, objective, progress=progress)
-    summary = {
-        "task": task,
-        "methods": methods,
-        "chance": chance(prep),
-        "anchor_train_score": _round(anchor_score(prep.train, prep.anchors, prep.cfg.eval.metric)),
-        "teacher_calls": prep.teacher_calls,
-        "anchors_stored": prep.anchors_stored,
-        "train_prompts": len(prep.train),
-        "distinct_train_prompts": prep.distinct_prompts,
-        "eval_prompts": len(prep.eval),
-        "seed": seed,
-        "quick": quick,
-        "seconds": round(time.time() - t0, 1),
-    }
-    write_summary(cfg.run_dir, summary)
+    result = run_methods(cfg, ["ldl_grpo"] if quick else list(METHODS), progress=progress)
+    result.task, result.quick = task, quick
+    summary = result.write(cfg.run_dir)
     print(format_table(summary), flush=True)
     print(f"chance level ({task}: the best input-blind constant answer per question type, chosen on the "
           f"training split): {summary['chance']:.3f}" if summary["chance"] is not None else "chance level: -",
           flush=True)
     if summary["anchor_train_score"] is not None:
-        train_key = next((k for k in sft_metrics if k.startswith("train_") and isinstance(sft_metrics[k], float)), None)
-        beside = f"; SFT's greedy answers there: {sft_metrics[train_key]:.3f}" if train_key else ""
+        sft = summary["methods"]["sft"]
+        train_key = next((k for k in sft if k.startswith("train_") and isinstance(sft[k], float)), None)
+        beside = f"; SFT's greedy answers there: {sft[train_key]:.3f}" if train_key else ""
         print(f"teacher anchors on the training prompts (the most stage II can get from agreeing with them): "
               f"{summary['anchor_train_score']:.3f}{beside}", flush=True)
-    try:
-        from vlrlcd.evaluation.report import write_report
+    from vlrlcd.evaluation.report import write_report
 
-        print(f"report: {write_report(cfg.run_dir)}", flush=True)
-    except ImportError:  # pragma: no cover - the report module ships with the package
-        pass
+    print(f"report: {write_report(cfg.run_dir)}", flush=True)
     return summary

@@ -1,5 +1,5 @@
-"""The stages a run goes through, as functions the CLI sub-commands and the demo call:
-data -> anchors (teacher, once, stored) -> student -> SFT -> RL objective -> evaluation.
+"""The stages a run goes through, as functions `run.run_methods` calls in order:
+data -> anchors (teacher, once, stored) -> student base (student_base.py) -> SFT -> RL objective -> evaluation.
 
 Run directory layout (what `vlrlcd report` reads):
   RUN/config.yaml, RUN/data/, RUN/anchors.sqlite, RUN/student_base/ (tiny students only),
@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlrlcd.adapters.config import StudentConfig
 from vlrlcd.config import Config, save_config
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.files import write_json
+from vlrlcd.student_base import built_student_config, student_identity
 
 if TYPE_CHECKING:
     from vlrlcd.training.distributed import Dist
 
-TINY_STUDENTS = ("tiny-llava", "tiny-text")
 STAGE_FILE = "stage.json"   # RUN/<stage>/stage.json: written last, when the stage (training + eval) is done
 INPUTS_FILE = "inputs.json"  # RUN/<stage>/inputs.json: what the stage is trained from, written when it starts
-BASE_RECORD = "vlrlcd_base.json"  # RUN/student_base-*/: what a tiny base was built from
 
 
 @dataclass
@@ -83,93 +79,6 @@ def prepare(cfg: Config, progress: bool = True, dist: Dist | None = None) -> Pre
     distinct = len({anchor_key(cfg.teacher, r) for r in splits.train})
     return Prepared(cfg, splits.train, splits.eval, anchors, summary.calls if summary else 0, len(anchors), distinct,
                     progress and main)
-
-
-def built_student_config(cfg: Config) -> StudentConfig:
-    """The student section with a tiny student's name replaced by the base a run built into RUN (as is for
-    real checkpoints); an error when that base has not been built yet."""
-    scfg = cfg.student
-    if scfg.name_or_path not in TINY_STUDENTS:
-        return scfg
-    base = _tiny_base(cfg)
-    if not (base / "config.json").exists():
-        raise VlrlcdError(f"{base}: the {scfg.name_or_path} student is built by a run: `vlrlcd train CONFIG` first")
-    return replace(scfg, name_or_path=str(base))
-
-
-def _tiny_base(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / f"student_base-{cfg.student.name_or_path}"
-
-
-def student_config(prep: Prepared, rebuild_stale: bool = False) -> StudentConfig:
-    """The student section with a tiny student built (once) into the run directory when asked for.
-
-    The base records what it was built from (BASE_RECORD); with `rebuild_stale` (no stage on it is being
-    continued) a base built from other settings or data is built again. A base without a record is kept."""
-    scfg = prep.cfg.student
-    if scfg.name_or_path not in TINY_STUDENTS:
-        return scfg
-    from vlrlcd.adapters.tiny import build_tiny_llava, build_tiny_text
-    from vlrlcd.training.digest import digest_of
-
-    base = _tiny_base(prep.cfg)
-    inputs = _base_inputs(prep)
-    if (base / "config.json").exists() and rebuild_stale and _base_digest(base) not in (None, digest_of(inputs)):
-        stale = base.with_name(f"{base.name}.stale-{os.getpid()}")
-        base.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        if prep.progress:
-            print(f"{base.name}: built from other settings or data; building it again", flush=True)
-    if not (base / "config.json").exists():
-        from vlrlcd.training.pretrain import pretrain_base, pretraining_records
-
-        t = scfg.tiny
-        tmp = base.with_name(base.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        vision = scfg.name_or_path == "tiny-llava"
-        generic = pretraining_records(vision, t.pretrain_examples, prep.cfg.seed, tmp / "pretrain_images",
-                                      t.image_size) if t.pretrain_examples else []
-        corpus = [r.prompt for r in prep.train + prep.eval + generic] + list(prep.anchors.values())
-        corpus += [r.reference for r in prep.train + prep.eval + generic if r.reference]
-        build = build_tiny_llava if vision else build_tiny_text
-        build(tmp, corpus, t, seed=prep.cfg.seed)
-        if generic:
-            pretrain_base(tmp, generic, t.pretrain_epochs, t.pretrain_lr, prep.cfg.seed, progress=prep.progress)
-        (tmp / BASE_RECORD).write_text(json.dumps({"digest": digest_of(inputs), "inputs": inputs}, indent=1),
-                                       encoding="utf-8")
-        tmp.rename(base)
-    return replace(scfg, name_or_path=str(base))
-
-
-def _base_inputs(prep: Prepared) -> dict:
-    """What a tiny base is built from: its sizes, the seed, and the corpus (both splits and the anchors)."""
-    from vlrlcd.training.digest import anchors_digest, flatten, records_digest
-
-    cfg, run = prep.cfg, prep.cfg.run_dir
-    return {"seed": cfg.seed, "student.name_or_path": cfg.student.name_or_path, **flatten(cfg.student.tiny, "student.tiny"),
-            "data.train_records": records_digest(prep.train, run), "data.eval_records": records_digest(prep.eval, run),
-            "anchors": anchors_digest(prep.anchors)}
-
-
-def _base_digest(base: Path) -> str | None:
-    try:
-        return json.loads((base / BASE_RECORD).read_text(encoding="utf-8")).get("digest")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def student_identity(cfg: Config) -> str:
-    """Which base weights the student loads: a tiny base's build record (or its files), a local directory's
-    config.json with its weight files' names and sizes, or a hub id as written."""
-    from vlrlcd.training.digest import files_digest
-
-    name = cfg.student.name_or_path
-    folder = _tiny_base(cfg) if name in TINY_STUDENTS else Path(name)
-    if name in TINY_STUDENTS and _base_digest(folder):
-        return f"tiny-{_base_digest(folder)}"
-    if folder.is_dir():
-        return files_digest(folder, ("config.json",), sized=(".safetensors", ".bin", ".pt"))
-    return "not built yet" if name in TINY_STUDENTS else name
 
 
 def _eval(student, prep: Prepared, out: Path, progress: bool, answers: list[str] | None = None) -> dict:
@@ -354,7 +263,7 @@ def _run_stage(prep: Prepared, out: Path, train, load, resume: bool, dist: "Dist
             old = rec.get("eval_inputs") or {}
             print(f"{out.name}: finished by an earlier run; evaluating {out / 'adapter'} again "
                   f"({describe_changes(old, evals, changed_keys(old, evals))})", flush=True)
-        student = load_student(student_config(prep), adapter=out / "adapter", **_placement(dist))
+        student = load_student(built_student_config(prep.cfg), adapter=out / "adapter", **_placement(dist))
         if dist is not None:
             dist.prepare_student(student)
         metrics = {**_evaluate_stage(student, prep, out, dist, progress), "seconds": metrics.get("seconds")}
@@ -404,18 +313,13 @@ def run_sft(prep: Prepared, name: str = "sft", epochs: float | None = None, init
 
     cfg = prep.cfg
     out = Path(cfg.run_dir) / name
-    if init_adapter is None:  # stage I: a tiny base built from other settings is rebuilt unless it is resumed
-        fresh = not (resume and stage_record(out) is not None)
-        with (dist.main_first() if dist is not None else nullcontext()):
-            if dist is None or dist.is_main:
-                student_config(prep, rebuild_stale=fresh)
     inputs, evals = _stage_inputs(prep, name, start_key(init_adapter, cfg.seed))
     if epochs is not None:
         inputs["train.sft_epochs"] = float(epochs)
 
     def load():
         seed_everything(cfg.seed)  # a fresh adapter's initialisation must not depend on what ran before
-        return load_student(student_config(prep), adapter=init_adapter, **_placement(dist))
+        return load_student(built_student_config(prep.cfg), adapter=init_adapter, **_placement(dist))
 
     def train(student, continuing: bool):
         items = sft_items(prep.train, prep.anchors, copy_pairs=cfg.train.sft_copy_pairs, seed=cfg.seed)
@@ -436,7 +340,7 @@ def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = Non
     out = Path(cfg.run_dir) / tcfg.objective
 
     def load():
-        return load_student(student_config(prep), adapter=sft_adapter, reference=sft_adapter, **_placement(dist))
+        return load_student(built_student_config(prep.cfg), adapter=sft_adapter, reference=sft_adapter, **_placement(dist))
 
     def train(student, continuing: bool):
         ctx = make_context(cfg, tcfg)  # a stored judge for judge_grpo
@@ -448,51 +352,3 @@ def run_rl(prep: Prepared, sft_adapter: Path | None, objective: str | None = Non
 
     inputs, evals = _stage_inputs(prep, tcfg.objective, start_key(sft_adapter, cfg.seed))
     return _run_stage(prep, out, train, load, resume, dist, progress, inputs, evals)
-
-
-def write_summary(run_dir: str | Path, summary: dict) -> Path:
-    """Write RUN/summary.json. Every method other than sft whose RUN/<method>/predictions.jsonl and
-    RUN/sft/predictions.jsonl both exist gets (in `summary`, in place) its paired bootstrap difference
-    against SFT on the prompts both answered: diff_vs_sft, diff_low, diff_high (95% interval), diff_n."""
-    from vlrlcd.evaluation.stats import DIFF_KEYS, LEVEL, REFERENCE, RESAMPLES, SEED, diff_entry, diff_vs_reference
-
-    methods = summary.get("methods") if isinstance(summary.get("methods"), dict) else {}
-    for name, entry in methods.items():
-        if not isinstance(entry, dict) or name == REFERENCE:
-            continue
-        for k in DIFF_KEYS:  # never keep a difference from files that are gone
-            entry.pop(k, None)
-        d = diff_vs_reference(run_dir, name)
-        if d is not None:
-            entry.update(diff_entry(d))
-    summary["paired_bootstrap"] = {"reference": REFERENCE, "resamples": RESAMPLES, "seed": SEED, "level": LEVEL}
-    return write_json(Path(run_dir) / "summary.json", summary, indent=2)
-
-
-def format_table(summary: dict) -> str:
-    """The summary as a small text table: one row per method, with its difference to SFT and the paired
-    bootstrap 95% interval where `write_summary` computed one."""
-    from vlrlcd.evaluation.stats import DIFF_KEYS, entry_diff
-
-    methods = summary.get("methods", {})
-    metric_names = sorted({k for m in methods.values() for k in m if k not in ("n", "seconds", *DIFF_KEYS)})
-    diffs = {name: entry_diff(m) for name, m in methods.items()}
-    with_diff = any(diffs.values())
-    header = ["method"] + metric_names + (["Δ vs SFT [95% CI]"] if with_diff else []) + ["seconds"]
-
-    def num(v, fmt: str) -> str:
-        return fmt.format(v) if isinstance(v, (int, float)) else "-"
-
-    rows = [[name] + [num(m.get(k), "{:.3f}") for k in metric_names] + ([diffs[name] or "-"] if with_diff else [])
-            + [num(m.get("seconds"), "{:.0f}")] for name, m in methods.items()]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
-    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    if with_diff:
-        boot = summary.get("paired_bootstrap", {})
-        out.append(f"Δ vs SFT: mean per-prompt score difference on the held-out prompts both answered, "
-                   f"paired bootstrap {boot.get('resamples', '?')} resamples (seed {boot.get('seed', '?')})")
-    out.append(f"teacher calls this run: {summary.get('teacher_calls')}  |  train prompts: "
-               f"{summary.get('train_prompts')}  |  held-out prompts: {summary.get('eval_prompts')}  |  "
-               f"{summary.get('seconds', 0):.0f}s")
-    return "\n".join(out)

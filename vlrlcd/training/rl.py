@@ -37,7 +37,7 @@ from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.diagnostics import group_diagnostics
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.rollout import Group, rollout_batch, sample_generator
-from vlrlcd.training.session import Session
+from vlrlcd.training.session import Session, Trainables
 from vlrlcd.training.steps import StepContext, batched_passes
 
 
@@ -182,8 +182,9 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
     data_digest = digest([r.id for r in order[: len(pool)]] + [f"batch={cfg.batch_size}", f"seed={seed}"])
     # with checkpointing the loss passes run full sequences (StudentAdapter.checkpointing); sampling does not
     with activation_checkpointing(student.model, cfg.gradient_checkpointing), \
-            Session("rl", out, cfg, dist, student, run.params, run.opt, run.sched, cfg.rl_steps, resume, progress,
-                    data_digest, postfix_keys=("loss", "margin_mean", "kl")) as session:
+            Session("rl", out, cfg, dist, Trainables(student, run.params, run.opt, run.sched), cfg.rl_steps,
+                    resume=resume, progress=progress, data_digest=data_digest,
+                    postfix_keys=("loss", "margin_mean", "kl")) as session:
         ctx.state = session.loop_state.get("ctx_state", ctx.state)
         calls_total: dict[str, int] = dict(session.loop_state.get("calls", {}))  # every process, cumulative
         loop_state = lambda: {"ctx_state": ctx.state, "calls": calls_total}  # noqa: E731

@@ -24,7 +24,7 @@ from vlrlcd.training.common import (activation_checkpointing, digest, finish_ste
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.order import epoch_order
-from vlrlcd.training.session import Session
+from vlrlcd.training.session import Session, Trainables
 
 
 @dataclass
@@ -107,8 +107,8 @@ def train_sft(student: StudentAdapter, items: list[SFTItem], cfg: TrainConfig, o
     data_digest = digest([it.id for it in order[: len(items)]] + [f"batch={bs}", f"seed={seed}"])
     try:
         with activation_checkpointing(student.model, cfg.gradient_checkpointing), \
-                Session("sft", out_dir, cfg, dist, student, params, opt, sched, total_steps, resume, progress,
-                        data_digest) as session:
+                Session("sft", out_dir, cfg, dist, Trainables(student, params, opt, sched), total_steps,
+                        resume=resume, progress=progress, data_digest=data_digest) as session:
             student.model.train()
             for step in range(session.start_step, total_steps):
                 ts = time.time()
