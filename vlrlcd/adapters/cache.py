@@ -29,9 +29,10 @@ def repeat_cache(cache: DynamicCache, counts: int | torch.Tensor) -> DynamicCach
     """A cache whose batch is every row of `cache` repeated in place: `counts` times each (row i -> rows i·k ..
     i·k+k-1), or counts[i] times row i when `counts` is a tensor of per-row counts.
 
-    A batch-1 prefix cache repeated k times is k views of it (no copy until appended to); gradients flow back
-    into the prefix keys/values either way, so the prefix is computed once per prompt and its cost and gradient
-    are shared by its candidates."""
+    A batch-1 prefix cache is expanded, several rows repeat_interleaved (the two ways the single and batched
+    paths always took, so their numbers stay as they were); the new cache holds its own rows. Gradients flow back
+    into the prefix keys/values, so the prefix is computed once per prompt and its cost and gradient are shared
+    by its candidates."""
     layers = []
     for layer in cache.layers:
         keys, values = layer.keys, layer.values
