@@ -227,7 +227,8 @@ class StudentAdapter:
         steps = torch.arange(C, device=ids.device)
         if shared.attn is not None:  # several prompts: positions counted on from each one's real length
             shared.attn = torch.cat([shared.attn, shared.attn.new_ones(R, C)], dim=1)
-            kwargs.update(attention_mask=shared.attn, position_ids=shared.next_pos[:, None] + shared.fed + steps[None, :])
+            kwargs.update(attention_mask=shared.attn,
+                          position_ids=shared.next_pos[:, None] + shared.fed + steps[None, :])
         elif shared.position is not None:  # one prompt with explicit (3-D mrope) positions
             kwargs["position_ids"] = (steps + (shared.position + shared.fed)).view(1, 1, C).expand(3, R, C)
         out = self.model(input_ids=ids, **kwargs)
