@@ -5,6 +5,10 @@ once, then the K continuations as one batch on top of the shared prefix key/valu
 goes through the vision tower once per prompt (`image_features`), and the result is reused by every
 prefix built from that image (the policy prompt, the scoring prompt, the policy and reference passes).
 Prompts built together (`prefixes`, e.g. an evaluation batch) share one processor call and one vision pass.
+A single prompt is a batch of one everywhere: one decode loop (`sample_batch`), one log-prob path
+(`token_logprobs_batch`), one prefix pass (`_shared_prefix`); `sample`, `token_logprobs`, `prefix` and
+`continuation_logits` call them with one prompt. `batch_token_logprobs` is the one path without a shared cache:
+each (prompt, response) pair as its own full sequence.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from vlrlcd.adapters.cache import cache_kwargs, expand_cache, output_cache
+from vlrlcd.adapters.cache import cache_kwargs, output_cache, repeat_cache
 from vlrlcd.adapters.families import Family, counted_positions, image_row
+from vlrlcd.adapters.padding import pad_rows
 from vlrlcd.errors import VlrlcdError
 
 REFERENCE_ADAPTER = "sft"
@@ -51,11 +56,16 @@ class TokenLogprobs:
         return total / self.mask.sum(-1).clamp(min=1) if length_normalize else total
 
 
-def _repeat_cache(cache: DynamicCache, k: int | torch.Tensor) -> DynamicCache:
-    """A cache whose batch is every row of `cache` repeated in place: `k` times each (row i -> rows i·k ..
-    i·k+k-1), or k[i] times row i when `k` is a tensor of per-row counts."""
-    return DynamicCache(ddp_cache_data=[(layer.keys.repeat_interleave(k, dim=0),
-                                         layer.values.repeat_interleave(k, dim=0)) for layer in cache.layers])
+@dataclass
+class _Shared:
+    """Prompts' prefix pass with each row repeated for its candidates, ready to be continued (`_feed`)."""
+
+    cache: DynamicCache
+    last: torch.Tensor                 # [R, V] logits after each row's prompt
+    attn: torch.Tensor | None          # [R, L + fed] left-padded attention mask; None for one prompt (no padding)
+    next_pos: torch.Tensor | None      # [R] position of each row's first continuation token (several prompts)
+    position: int | None               # one prompt's explicit (mrope) next position; None: counted from the cache
+    fed: int = 0                       # continuation tokens fed so far
 
 
 def _logprobs_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -178,40 +188,95 @@ class StudentAdapter:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     # ---------------------------------------------------------------- compute
-    def _prefix_forward(self, prefix: Prefix):
-        out = self.model(input_ids=prefix.input_ids, use_cache=True, logits_to_keep=1, **prefix.model_kwargs)
-        return output_cache(out), out.logits[:, -1, :]
+    # One path for every computation over prompts and their candidates: `_shared_prefix` runs the prompts' prefix
+    # pass once (a batch of one as it is; several left-padded into one), each row's cache repeated for its
+    # candidates; `_feed` continues all rows on it. A single prompt is a batch of one everywhere
+    # (`token_logprobs`, `sample`, `continuation_logits` are the batched forms called with one prefix).
+    def _shared_prefix(self, prefixes: list[Prefix], repeats: list[int]) -> _Shared:
+        """The prefix pass over `prefixes`, row i repeated repeats[i] times (R = Σ repeats rows). One prompt runs
+        as it is (the model counts positions on from the cache, or its explicit mrope ones). Several run as one
+        left-padded [N, L] pass (attention mask; positions counted over real tokens, or Qwen2(.5)-VL's 3-D ones from
+        its rope index given the mask), so every prompt's last token sits at column L - 1 with its own position.
+        Gradient flows when grad is enabled."""
+        if len(prefixes) == 1:
+            p, k = prefixes[0], repeats[0]
+            out = self.model(input_ids=p.input_ids, use_cache=True, logits_to_keep=1, **p.model_kwargs)
+            return _Shared(repeat_cache(output_cache(out), k), out.logits[:, -1, :].expand(k, -1), None, None,
+                           p.next_position)
+        device = self.device
+        ids, attn = pad_rows([p.input_ids[0] for p in prefixes], self.pad_id, left=True, device=device)
+        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], ids.shape[1], left=True)
+        if self.family.positions is None:
+            pos, next_pos = counted_positions(attn)
+        else:  # Qwen2(.5)-VL: 3-D positions from the model's own rope index over the real tokens
+            pos, next_pos = self.family.positions(self.model, ids, attn, kwargs)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **kwargs)
+        cache, last = output_cache(out), out.logits[:, -1, :]
+        if all(r == 1 for r in repeats):  # one row per prompt (greedy evaluation): nothing to repeat
+            return _Shared(cache, last, attn, next_pos, None)
+        reps = torch.tensor(repeats, device=device)
+        return _Shared(repeat_cache(cache, reps), last.repeat_interleave(reps, dim=0),
+                       attn.repeat_interleave(reps, dim=0), next_pos.repeat_interleave(reps), None)
 
-    def _positions(self, prefix: Prefix, k: int, start: int, length: int) -> dict:
-        """`position_ids` for `length` continuation tokens from offset `start` after the prefix, for
-        families with explicit (3-D mrope) positions; {} for the rest."""
-        if prefix.next_position is None:
-            return {}
-        pos = torch.arange(length, device=prefix.input_ids.device) + (prefix.next_position + start)
-        return {"position_ids": pos.view(1, 1, length).expand(3, k, length)}
+    def _feed(self, shared: _Shared, ids: torch.Tensor):
+        """Feed `ids` [R, C] to every row right after what it holds (the prefix, then what was fed before); the
+        shared state moves on by C tokens. Right of the prompt nothing is padded, so a real token never sees a pad."""
+        R, C = ids.shape
+        kwargs = cache_kwargs(shared.cache)
+        steps = torch.arange(C, device=ids.device)
+        if shared.attn is not None:  # several prompts: positions counted on from each one's real length
+            shared.attn = torch.cat([shared.attn, shared.attn.new_ones(R, C)], dim=1)
+            kwargs.update(attention_mask=shared.attn,
+                          position_ids=shared.next_pos[:, None] + shared.fed + steps[None, :])
+        elif shared.position is not None:  # one prompt with explicit (3-D mrope) positions
+            kwargs["position_ids"] = (steps + (shared.position + shared.fed)).view(1, 1, C).expand(3, R, C)
+        out = self.model(input_ids=ids, **kwargs)
+        shared.cache, shared.fed = output_cache(out), shared.fed + C
+        return out
 
     def _pad(self, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses right-padded: ids [K, T] and the float mask of real tokens, on the model's device."""
         if not responses or any(len(r) == 0 for r in responses):
             raise ValueError("every response needs at least one token")
-        T = max(len(r) for r in responses)
-        ids = torch.full((len(responses), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(responses), T)
-        for i, r in enumerate(responses):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1.0
-        return ids.to(self.device), mask.to(self.device)
+        ids, mask = pad_rows(responses, self.pad_id)
+        return ids.to(self.device), mask.float().to(self.device)
 
     def token_logprobs(self, prefix: Prefix, responses: list[list[int]]) -> TokenLogprobs:
-        """log π(y_t | x, y_<t) for K responses, sharing one prefix pass (grad if grad is enabled).
+        """log π(y_t | x, y_<t) for K responses of one prefix: `token_logprobs_batch` with one prefix."""
+        if not responses:  # a batch entry may have no response (it gets empty tensors); a call for one prompt may not
+            raise ValueError("every response needs at least one token")
+        return self.token_logprobs_batch([prefix], [responses])[0]
 
-        The prefix runs once (batch 1); y_1 is scored from its last logits, y_2..y_T from one batch-K pass of
-        y_1..y_{T-1} on the K-fold expanded prefix cache (the last response token is never fed)."""
-        if self.checkpointing:  # no KV cache inside checkpointed layers: K full sequences in one batch
-            return self.batch_token_logprobs([prefix] * len(responses), responses)
-        ids, mask = self._pad(responses)
-        cache, last = self._prefix_forward(prefix)
-        return self._rows_logprobs(last.expand(ids.shape[0], -1), ids, mask,
-                                   lambda fed: self._continue(prefix, cache, fed).logits)
+    def token_logprobs_batch(self, prefixes: list[Prefix], responses: list[list[list[int]]]) -> list[TokenLogprobs]:
+        """log π(y_t | x_i, y_<t) for each prefix's K_i responses, in two forwards for all (grad if grad is enabled).
+
+        One prefix pass (`_shared_prefix`: a single prompt as it is, several left-padded), each row's cache repeated
+        for its K_i responses; y_1 is scored from the prefix's last logits, y_2..y_T from one pass of the ΣK_i
+        right-padded rows (the last response token is never fed). Each prompt gets its own [K_i, T_i] slice, equal
+        to its own call with one prefix up to the ~1e-6 left padding makes. Under `lockstep` the continuation pass
+        always runs; with checkpointing one full-sequence `batch_token_logprobs`. A prompt with no response gets
+        empty [0, 0] tensors and adds no row."""
+        if len(prefixes) != len(responses):
+            raise ValueError(f"one list of responses per prefix: {len(responses)} for {len(prefixes)} prefixes")
+        used = [i for i, rs in enumerate(responses) if rs]
+        out = [self._empty_logprobs() for _ in prefixes]
+        if not used:
+            return out
+        counts = [len(responses[i]) for i in used]
+        rows = [r for i in used for r in responses[i]]
+        if self.checkpointing:  # no KV cache inside checkpointed layers: every row as a full sequence
+            tl = self.batch_token_logprobs([prefixes[i] for i, c in zip(used, counts) for _ in range(c)], rows)
+        else:
+            ids, mask = self._pad(rows)
+            shared = self._shared_prefix([prefixes[i] for i in used], counts)
+            tl = self._rows_logprobs(shared.last, ids, mask, lambda fed: self._feed(shared, fed).logits)
+        start = 0
+        for i, c in zip(used, counts):  # each prompt's rows, cut to its own longest response
+            t = max(len(r) for r in responses[i])
+            out[i] = TokenLogprobs(tl.logp[start:start + c, :t], tl.mask[start:start + c, :t], tl.ids[start:start + c, :t])
+            start += c
+        return out
 
     def _rows_logprobs(self, last: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                        continuation: Callable[[torch.Tensor], torch.Tensor]) -> TokenLogprobs:
@@ -237,36 +302,26 @@ class StudentAdapter:
         on = getattr(base, "is_activation_checkpointing", None)  # transformers 5; 4.x: is_gradient_checkpointing
         return bool(on if on is not None else getattr(base, "is_gradient_checkpointing", False))
 
-    def _continue(self, prefix: Prefix, cache, ids: torch.Tensor):
-        """Feed `ids` [K, L] right after the prefix, as one batch on its K-fold expanded cache."""
-        K, L = ids.shape
-        return self.model(input_ids=ids, **cache_kwargs(expand_cache(cache, K)), **self._positions(prefix, K, 0, L))
-
     def continuation_logits(self, prefix: Prefix, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits after each response token on the shared prefix: ([K, T, V], row t is the distribution after
         y_1..y_t), and the [K, T] mask of real tokens. The prefix runs once; positions are right for every
         family (use this rather than running a continuation by hand)."""
         ids, mask = self._pad(responses)
-        cache, _ = self._prefix_forward(prefix)
-        return self._continue(prefix, cache, ids).logits, mask
+        return self._feed(self._shared_prefix([prefix], [ids.shape[0]]), ids).logits, mask
 
     def batch_token_logprobs(self, prefixes: list[Prefix], responses: list[list[int]]) -> TokenLogprobs:
-        """log π(y_t | x_i, y_<t) for (prefix_i, response_i) pairs of different prompts in one right-padded
-        forward (the SFT path; also the naive reference the shared-prefix path is tested against)."""
+        """log π(y_t | x_i, y_<t) for (prefix_i, response_i) pairs, each its own full sequence, in one right-padded
+        forward (no shared cache: the SFT and checkpointed path; also the naive reference the shared-prefix path
+        is tested against)."""
         if len(prefixes) != len(responses):
             raise ValueError("one response per prefix")
-        seqs = [torch.cat([p.input_ids[0].cpu(), torch.tensor(r, dtype=torch.long)]) for p, r in zip(prefixes, responses)]
-        L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros(len(seqs), L, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            attn[i, : len(s)] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
+        resp_ids, mask = self._pad(responses)
+        ids, attn = pad_rows([torch.cat([p.input_ids[0].cpu(), torch.tensor(r, dtype=torch.long)])
+                              for p, r in zip(prefixes, responses)], self.pad_id)
+        ids, attn, L = ids.to(self.device), attn.to(self.device), ids.shape[1]
         kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L)
         if self.family.positions is not None:  # the responses' tokens are text: they continue each prompt's positions
             kwargs["position_ids"], _ = self.family.positions(self.model, ids, attn, kwargs)
-        resp_ids, mask = self._pad(responses)
         T = resp_ids.shape[1]
         starts = torch.tensor([p.input_ids.shape[1] - 1 for p in prefixes], device=ids.device)
         pos = (starts[:, None] + torch.arange(T, device=ids.device)[None, :]).clamp(max=L - 1)
@@ -276,6 +331,54 @@ class StudentAdapter:
             logits = self.model(input_ids=ids, attention_mask=attn, **kwargs).logits
             logits = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))
         return TokenLogprobs(_logprobs_of(logits, resp_ids) * mask, mask, resp_ids)
+
+    @torch.no_grad()
+    def sample(self, prefix: Prefix, k: int, max_new_tokens: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """K continuations of one prefix (greedy when temperature == 0): `sample_batch` with one prefix."""
+        return self.sample_batch([prefix], k, max_new_tokens, temperature, [generator])[0]
+
+    @torch.no_grad()
+    def sample_batch(self, prefixes: list[Prefix], k: int, max_new_tokens: int, temperature: float = 1.0,
+                     generators: list[torch.Generator | None] | None = None) -> list[list[list[int]]]:
+        """K continuations of EACH prefix (greedy when temperature == 0), each ending at EOS or the limit, in one
+        decode: one prefix pass (`_shared_prefix`), each row's cache repeated K-fold, and the N·K rows decode
+        together, one forward per new token for the whole batch. Prompt i's K tokens are drawn with its own
+        generator from its own [K, V] probabilities, so its candidates depend on (prefix i, generator i) only —
+        not on the other prompts (up to the ~1e-6 change left padding makes to the logits)."""
+        n = len(prefixes)
+        gens = list(generators) if generators is not None else [None] * n
+        if len(gens) != n:
+            raise ValueError(f"one generator per prefix: {len(gens)} for {n} prefixes")
+        if n == 0 or k == 0:
+            return [[] for _ in prefixes]
+        shared = self._shared_prefix(prefixes, [k] * n)  # rows i·K .. i·K+K-1
+        logits = shared.last
+        eos = torch.tensor(self.eos_ids, device=logits.device)
+        done = torch.zeros(n * k, dtype=torch.bool, device=logits.device)
+        steps: list[torch.Tensor] = []
+        for t in range(max_new_tokens):
+            nxt = self._draw(logits, done, k, temperature, gens)
+            nxt, done, stop = self._record_step(nxt, done, eos, steps, t == max_new_tokens - 1)
+            if stop:
+                break
+            logits = self._feed(shared, nxt.unsqueeze(1)).logits[:, -1, :]
+        rows = self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n * k)])
+        return [rows[i * k:(i + 1) * k] for i in range(n)]
+
+    def _draw(self, logits: torch.Tensor, done: torch.Tensor, k: int, temperature: float,
+              gens: list[torch.Generator | None]) -> torch.Tensor:
+        """The next token of each of the N·K rows: the argmax (temperature 0), or drawn with prompt i's generator
+        from its K rows' probabilities; a finished prompt draws nothing (its rows feed pad either way)."""
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+        open_ = (~done).view(len(gens), k).any(1).tolist()
+        nxt = torch.full((len(gens) * k,), self.pad_id, dtype=torch.long)
+        for i in range(len(gens)):
+            if open_[i]:
+                nxt[i * k:(i + 1) * k] = torch.multinomial(probs[i * k:(i + 1) * k], 1, generator=gens[i]).squeeze(1)
+        return nxt.to(logits.device)
 
     def _record_step(self, nxt: torch.Tensor, done: torch.Tensor, eos: torch.Tensor, steps: list[torch.Tensor],
                      last: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -288,142 +391,6 @@ class StudentAdapter:
             return nxt, done, True
         finished = bool(done.all())
         return nxt, done, (finished if self.lockstep is None else self.lockstep(finished))
-
-    @torch.no_grad()
-    def sample(self, prefix: Prefix, k: int, max_new_tokens: int, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> list[list[int]]:
-        """K continuations of one prefix (greedy when temperature == 0), each ending at EOS or the limit."""
-        cache, logits = self._prefix_forward(prefix)
-        cache = expand_cache(cache, k)
-        logits = logits.expand(k, -1)
-        eos = torch.tensor(self.eos_ids, device=logits.device)
-        done = torch.zeros(k, dtype=torch.bool, device=logits.device)
-        steps: list[torch.Tensor] = []
-        for t in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-            nxt, done, stop = self._record_step(nxt, done, eos, steps, t == max_new_tokens - 1)
-            if stop:
-                break
-            out = self.model(input_ids=nxt.unsqueeze(1), **cache_kwargs(cache), **self._positions(prefix, k, t, 1))
-            cache, logits = output_cache(out), out.logits[:, -1, :]
-        return self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(k)])
-
-    @torch.no_grad()
-    def sample_batch(self, prefixes: list[Prefix], k: int, max_new_tokens: int, temperature: float = 1.0,
-                     generators: list[torch.Generator | None] | None = None) -> list[list[list[int]]]:
-        """K continuations of EACH prefix in one batched decode: `[sample(prefixes[i], k, ..., generators[i])]`.
-
-        The prompts are left-padded into one [N, L] prefix pass (attention mask, positions counted over real
-        tokens), the cache is repeated K-fold per row, and the N·K rows decode together: one forward per new
-        token for the whole batch instead of one per token per prompt. Prompt i's K tokens are drawn with its
-        own generator from its own [K, V] probabilities, exactly as `sample` draws them, so its candidates
-        depend on (prefix i, generator i) only — not on the other prompts (up to the ~1e-6 change left padding
-        makes to the logits). Qwen2(.5)-VL too: its 3-D positions come from its rope index given the mask."""
-        n = len(prefixes)
-        gens = list(generators) if generators is not None else [None] * n
-        if len(gens) != n:
-            raise ValueError(f"one generator per prefix: {len(gens)} for {n} prefixes")
-        if n == 0 or k == 0:
-            return [[] for _ in prefixes]
-        if n == 1:
-            return [self.sample(prefixes[0], k, max_new_tokens, temperature, gens[0])]
-        device = self.device
-        cache, logits, attn, next_pos = self._left_padded_prefix(prefixes, [k] * n)  # rows i·K .. i·K+K-1
-        eos = torch.tensor(self.eos_ids, device=device)
-        done = torch.zeros(n * k, dtype=torch.bool, device=device)
-        steps: list[torch.Tensor] = []
-        for t in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
-                open_ = (~done).view(n, k).any(1).tolist()
-                nxt = torch.full((n * k,), self.pad_id, dtype=torch.long)
-                for i in range(n):  # a finished prompt draws nothing (its rows feed pad either way)
-                    if open_[i]:
-                        nxt[i * k:(i + 1) * k] = torch.multinomial(probs[i * k:(i + 1) * k], 1,
-                                                                   generator=gens[i]).squeeze(1)
-                nxt = nxt.to(device)
-            nxt, done, stop = self._record_step(nxt, done, eos, steps, t == max_new_tokens - 1)
-            if stop:
-                break
-            attn = torch.cat([attn, attn.new_ones(n * k, 1)], dim=1)
-            out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=(next_pos + t)[:, None],
-                             **cache_kwargs(cache))
-            cache, logits = output_cache(out), out.logits[:, -1, :]
-        rows = self._until_eos(torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n * k)])
-        return [rows[i * k:(i + 1) * k] for i in range(n)]
-
-    def _left_padded_prefix(self, prefixes: list[Prefix], repeats: list[int]):
-        """One left-padded [N, L] pass over the prefixes (attention mask; positions counted over real tokens, or
-        Qwen2(.5)-VL's 3-D ones from its rope index given the mask, so every prompt's last token sits at column
-        L - 1 with its own position). Returns the cache, the last logits [R, V] and the attention mask [R, L] with
-        row i repeated repeats[i] times (R = Σ repeats), and each row's position of the first continuation token
-        [R]. Gradient flows when grad is enabled."""
-        device = self.device
-        lens = [p.input_ids.shape[1] for p in prefixes]
-        n, L = len(prefixes), max(lens)
-        ids = torch.full((n, L), self.pad_id, dtype=torch.long, device=device)
-        attn = torch.zeros(n, L, dtype=torch.long, device=device)
-        for i, p in enumerate(prefixes):
-            ids[i, L - lens[i]:] = p.input_ids[0]
-            attn[i, L - lens[i]:] = 1
-        kwargs = self.family.merge_kwargs([p.model_kwargs for p in prefixes], L, left=True)
-        if self.family.positions is None:
-            pos, next_pos = counted_positions(attn)
-        else:  # Qwen2(.5)-VL: 3-D positions from the model's own rope index over the real tokens
-            pos, next_pos = self.family.positions(self.model, ids, attn, kwargs)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **kwargs)
-        cache, last = output_cache(out), out.logits[:, -1, :]
-        if all(r == 1 for r in repeats):  # one row per prompt (greedy evaluation): nothing to repeat
-            return cache, last, attn, next_pos
-        reps = torch.tensor(repeats, device=device)
-        return (_repeat_cache(cache, reps), last.repeat_interleave(reps, dim=0), attn.repeat_interleave(reps, dim=0),
-                next_pos.repeat_interleave(reps))
-
-    def token_logprobs_batch(self, prefixes: list[Prefix], responses: list[list[list[int]]]) -> list[TokenLogprobs]:
-        """`[token_logprobs(prefixes[i], responses[i])]` in two forwards for all of them (grad if grad is enabled).
-
-        One left-padded prefix pass over the N prompts (`_left_padded_prefix`), each row's cache repeated for its
-        K_i responses; y_1 is scored from the prefix's last logits, y_2..y_T from one pass of the ΣK_i right-padded
-        rows (continuation positions counted on from each prompt's real length). Each prompt gets its own [K_i,
-        T_i] slice, equal to its `token_logprobs` up to the ~1e-6 left padding makes. Under `lockstep` the
-        continuation pass always runs (as in token_logprobs); with checkpointing one full-sequence
-        `batch_token_logprobs`. A prompt with no response gets empty [0, 0] tensors and adds no row."""
-        if len(prefixes) != len(responses):
-            raise ValueError(f"one list of responses per prefix: {len(responses)} for {len(prefixes)} prefixes")
-        used = [i for i, rs in enumerate(responses) if rs]
-        out = [self._empty_logprobs() for _ in prefixes]
-        if len(used) <= 1:
-            for i in used:
-                out[i] = self.token_logprobs(prefixes[i], responses[i])
-            return out
-        counts = [len(responses[i]) for i in used]
-        rows = [r for i in used for r in responses[i]]
-        if self.checkpointing:  # no KV cache inside checkpointed layers: every row as a full sequence
-            tl = self.batch_token_logprobs([prefixes[i] for i, c in zip(used, counts) for _ in range(c)], rows)
-        else:
-            ids, mask = self._pad(rows)
-            cache, last, attn, next_pos = self._left_padded_prefix([prefixes[i] for i in used], counts)
-
-            def continuation(fed: torch.Tensor) -> torch.Tensor:
-                R, C = fed.shape  # right padding: a real token never sees a pad
-                pos = next_pos[:, None] + torch.arange(C, device=fed.device)[None, :]
-                return self.model(input_ids=fed, attention_mask=torch.cat([attn, attn.new_ones(R, C)], dim=1),
-                                  position_ids=pos, **cache_kwargs(cache)).logits
-
-            tl = self._rows_logprobs(last, ids, mask, continuation)
-        start = 0
-        for i, c in zip(used, counts):  # each prompt's rows, cut to its own longest response
-            t = max(len(r) for r in responses[i])
-            out[i] = TokenLogprobs(tl.logp[start:start + c, :t], tl.mask[start:start + c, :t], tl.ids[start:start + c, :t])
-            start += c
-        return out
 
     def _empty_logprobs(self) -> TokenLogprobs:
         device = self.device

@@ -1,9 +1,11 @@
-"""Sharing one prompt prefix's key/value cache across K candidates, and passing a cache to the model under
+"""Sharing prompt prefixes' key/value caches across their candidates, and passing a cache to the model under
 the name the installed transformers uses."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -23,15 +25,19 @@ def output_cache(out) -> DynamicCache:
     return getattr(out, CACHE_NAME)
 
 
-def expand_cache(cache: DynamicCache, k: int) -> DynamicCache:
-    """A new cache whose batch is `k` views of the batch-1 prefix cache (no copy until appended to).
+def repeat_cache(cache: DynamicCache, counts: int | torch.Tensor) -> DynamicCache:
+    """A cache whose batch is every row of `cache` repeated in place: `counts` times each (row i -> rows i·k ..
+    i·k+k-1), or counts[i] times row i when `counts` is a tensor of per-row counts.
 
-    Gradients flow back into the prefix keys/values, so the prefix is computed once per prompt and its
-    cost and gradient are shared by the K candidates."""
+    A batch-1 prefix cache is expanded, several rows repeat_interleaved (the two ways the single and batched
+    paths always took, so their numbers stay as they were); the new cache holds its own rows. Gradients flow back
+    into the prefix keys/values, so the prefix is computed once per prompt and its cost and gradient are shared
+    by its candidates."""
     layers = []
     for layer in cache.layers:
         keys, values = layer.keys, layer.values
-        if keys.shape[0] != 1:
-            raise ValueError("expand_cache takes a batch-1 prefix cache")
-        layers.append((keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1)))
+        if keys.shape[0] == 1 and not torch.is_tensor(counts):
+            layers.append((keys.expand(counts, -1, -1, -1), values.expand(counts, -1, -1, -1)))
+        else:
+            layers.append((keys.repeat_interleave(counts, dim=0), values.repeat_interleave(counts, dim=0)))
     return DynamicCache(ddp_cache_data=layers)

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from vlrlcd.adapters.padding import pad_rows
 from vlrlcd.errors import VlrlcdError
 
 _LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,13 +78,9 @@ def _merge_mm(kwargs_list: list[dict], length: int, left: bool = False) -> dict:
         out["image_sizes"] = torch.cat(sizes, 0)
     types = [k.get("mm_token_type_ids") for k in kwargs_list]
     present = [t for t in types if t is not None]
-    if present:
-        rows = torch.zeros(len(kwargs_list), length, dtype=torch.long, device=present[0].device)
-        for i, t in enumerate(types):
-            if t is not None:
-                start = length - t.shape[1] if left else 0
-                rows[i, start:start + t.shape[1]] = t[0]
-        out["mm_token_type_ids"] = rows
+    if present:  # a prefix without token types (no image) gets zeros (text) all along
+        out["mm_token_type_ids"], _ = pad_rows([t[0] if t is not None else [] for t in types], 0, length, left,
+                                               present[0].device)
     return out
 
 

@@ -72,11 +72,10 @@ def self_likelihood_batch(student: StudentAdapter, items: list[ScoreItem]) -> li
     """`[self_likelihood(student, item...)]` for many groups in one batched log-prob pass
     (`StudentAdapter.token_logprobs_batch`: one prefix pass over every scoring prompt, one continuation pass
     over every candidate and anchor), equal to the per-group scores up to left padding's ~1e-6."""
-    prefixes, responses = [], []
-    for it in items:
-        text = it.prompt if it.anchor is None else scoring_prompt(it.prompt, it.anchor)
-        prefixes.append(student.prefix(text, it.image, features=it.features))
-        responses.append(list(it.candidates) + ([student.encode_response(it.anchor)] if it.anchor is not None else []))
+    texts = [it.prompt if it.anchor is None else scoring_prompt(it.prompt, it.anchor) for it in items]
+    prefixes = student.prefixes(texts, [it.image for it in items], [it.features for it in items])
+    responses = [list(it.candidates) + ([student.encode_response(it.anchor)] if it.anchor is not None else [])
+                 for it in items]
     out = []
     for it, tl in zip(items, student.token_logprobs_batch(prefixes, responses)):
         g = tl.sequence(length_normalize=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vlrlcd.adapters.padding import pad_rows
 from vlrlcd.datasets.records import Record
 from vlrlcd.training.common import clipped_step, make_optimizer, seed_everything
 from vlrlcd.training.order import epoch_order
@@ -92,14 +93,8 @@ def pretrain_base(path: str | Path, records: list[Record], epochs: float, lr: fl
     losses = []
     for step in tqdm(range(steps), desc="pretrain tiny base", disable=not progress, leave=False):
         batch = [data[i] for i in order[step * batch_size:(step + 1) * batch_size]]
-        L = max(len(ids) for ids, _, _ in batch)
-        input_ids = torch.full((len(batch), L), pad, dtype=torch.long)
-        labels = torch.full((len(batch), L), -100, dtype=torch.long)
-        attn = torch.zeros(len(batch), L, dtype=torch.long)
-        for i, (ids, n_prompt, _) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
-            attn[i, : len(ids)] = 1
+        input_ids, attn = pad_rows([ids for ids, _, _ in batch], pad)
+        labels, _ = pad_rows([[-100] * n_prompt + ids[n_prompt:] for ids, n_prompt, _ in batch], -100)
         kwargs = {}
         pixels = [px for _, _, px in batch if px]
         if pixels:

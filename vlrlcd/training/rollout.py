@@ -107,6 +107,8 @@ def rollout_batch(student: StudentAdapter, records: Sequence[Record], anchors: S
         raise ValueError(f"one anchor and one generator per record: {len(records)}, {len(anchors)}, {len(generators)}")
     lockstep, method = student.lockstep is not None, method or get_method(cfg.objective)
     plans = [method.plan(cfg, rcfg, r, lockstep) for r in records]
+    # one vision pass per image, not `student.prefixes`' one over the step's images: a batched tower pass moves the
+    # features by ~3e-6, and with them every seeded sample and loss of a run (the scorers reuse these features)
     prefixes = [student.prefix(r.prompt, r.image) for r in records]
     with torch.no_grad():
         candidates = sample_plans(student, prefixes, plans, cfg.temperature, max_new_tokens, list(generators))
