@@ -248,12 +248,12 @@ def test_cli_eval_passes_the_configured_batch_size(students, monkeypatch, tmp_pa
     """`vlrlcd eval CONFIG eval.batch_size=3 --adapter A`: the held-out prompts are decoded 3 at a time."""
     import vlrlcd.adapters.loader as loader
     import vlrlcd.datasets.load as load
-    import vlrlcd.pipeline as pipeline
+    import vlrlcd.student_base as student_base
     from vlrlcd.cli import main
 
     student = students["llama"]
     calls = SampleBatchCalls(student, monkeypatch)
-    monkeypatch.setattr(pipeline, "built_student_config", lambda cfg: cfg.student)
+    monkeypatch.setattr(student_base, "built_student_config", lambda cfg: cfg.student)
     monkeypatch.setattr(loader, "load_student", lambda *args, **kwargs: student)
     monkeypatch.setattr(load, "load_splits", lambda cfg: SimpleNamespace(eval=records("llama", [])))
     cfg = tmp_path / "c.yaml"
