@@ -127,3 +127,23 @@ def test_sft_visits_items_in_the_epoch_order():
 
     assert sft_order(list("abcd"), 1.5, seed=2) == epoch_order(list("abcd"), 6, seed=2)
     assert sft_order(list("abcd"), 0.01, seed=2) == epoch_order(list("abcd"), 1, seed=2)   # at least one item
+
+
+def test_rl_order_is_whole_reshuffled_epochs_covering_the_steps():
+    """rl_order through epoch_order gives exactly the order the RL loop always used (so data digests, and
+    therefore resumes, are unchanged): whole epochs, each reshuffled by one Random(seed), until steps·batch."""
+    import random
+
+    from vlrlcd.training.rl import rl_order
+
+    def old(pool, steps, batch, seed):
+        rng, order = random.Random(seed), []
+        while len(order) < steps * batch:
+            epoch = list(pool)
+            rng.shuffle(epoch)
+            order.extend(epoch)
+        return order
+
+    for n, steps, batch in [(5, 1, 2), (5, 3, 2), (7, 7, 1), (4, 2, 2), (3, 10, 4)]:
+        pool = list(range(n))
+        assert rl_order(pool, steps, batch, 11) == old(pool, steps, batch, 11)

@@ -14,6 +14,7 @@ from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.evaluation.config import EvalConfig
 from vlrlcd.evaluation.metrics import resolve_metric, score_record
+from vlrlcd.files import atomic_open, write_json
 
 
 @dataclass
@@ -69,10 +70,10 @@ def evaluate(student: StudentAdapter, records: list[Record], max_new_tokens: int
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        with atomic_open(out / "predictions.jsonl") as f:   # predictions first: eval.json marks them complete
             for p in preds:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        write_json(out / "eval.json", result.to_json(), indent=2)
     return result
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
+from vlrlcd.files import atomic_write, json_lines
 from vlrlcd.methods import get_method
 from vlrlcd.methods.base import Method
 from vlrlcd.ranking.config import RankingConfig
@@ -36,20 +36,17 @@ from vlrlcd.training.common import (activation_checkpointing, digest, finish_ste
 from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.diagnostics import group_diagnostics
 from vlrlcd.training.distributed import Dist, single_process
+from vlrlcd.training.order import epoch_order
 from vlrlcd.training.rollout import Group, rollout_batch, sample_generator
 from vlrlcd.training.session import Session, Trainables
 from vlrlcd.training.steps import StepContext, batched_passes
 
 
 def rl_order(pool: list[Record], steps: int, batch_size: int, seed: int) -> list[Record]:
-    """The prompts of every step, back to back: reshuffled epochs of `pool` (a function of the seed only)."""
-    rng = random.Random(seed)
-    order: list[Record] = []
-    while len(order) < steps * batch_size:
-        epoch = list(pool)
-        rng.shuffle(epoch)
-        order.extend(epoch)
-    return order
+    """The prompts of every step, back to back: whole reshuffled epochs of `pool` (training/order.py), as many
+    as cover steps · batch_size (a function of the seed only)."""
+    epochs = max(1, -(-steps * batch_size // max(1, len(pool))))
+    return epoch_order(pool, epochs * len(pool), seed)
 
 
 @dataclass
@@ -275,17 +272,11 @@ def _append_lines(path: Path, lines: list[dict]) -> None:
 
 
 def _truncate_rollouts(path: Path, done_steps: int) -> None:
-    """Keep the groups of the first `done_steps` steps (all of them are redone after a resume)."""
+    """Keep the groups of the first `done_steps` steps (all of them are redone after a resume); a line cut by a
+    kill is dropped."""
     if done_steps == 0 or not path.exists():
         path.unlink(missing_ok=True)
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", math.inf) <= done_steps:
-                keep.append(line + "\n")
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    tmp.replace(path)
+    keep = [line.text + "\n" for line in json_lines(path)
+            if line.error is None and isinstance(line.value, dict) and line.value.get("step", math.inf) <= done_steps]
+    atomic_write(path, "".join(keep))
