@@ -19,7 +19,10 @@ import threading
 import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import uuid
 from typing import Callable
+
+import pytest
 
 
 def prompt_of(body: dict) -> str:
@@ -161,3 +164,21 @@ class FakeChatServer:
                     pass
 
         return Handler
+
+
+KEY_ENV = "VLRLCD_TEST_KEY"
+
+
+@pytest.fixture
+def server():
+    """A FakeChatServer on 127.0.0.1 (import this fixture into a test module)."""
+    with FakeChatServer(hang_s=3.0) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch) -> str:
+    """A fresh fake API key in $VLRLCD_TEST_KEY for every test of a module that imports this fixture."""
+    key = "sk-test-" + uuid.uuid4().hex
+    monkeypatch.setenv(KEY_ENV, key)
+    return key

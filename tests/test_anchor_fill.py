@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_http import FakeChatServer
+from helpers_http import KEY_ENV, api_key, server  # noqa: F401 (fixtures)
 
 from vlrlcd.cli import main
 from vlrlcd.config import load_config
@@ -28,20 +28,6 @@ from vlrlcd.teacher.runner import EXIT_INCOMPLETE, fill_anchors, run_anchors
 from vlrlcd.teacher.store import AnchorStore, anchor_key
 
 REPO = Path(__file__).resolve().parents[1]
-KEY_ENV = "VLRLCD_TEST_KEY"
-
-
-@pytest.fixture
-def server():
-    with FakeChatServer(hang_s=3.0) as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch) -> str:
-    key = "sk-test-" + uuid.uuid4().hex
-    monkeypatch.setenv(KEY_ENV, key)
-    return key
 
 
 def text_records(n: int, tag: str = "question") -> list[Record]:

@@ -15,9 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_steps_common import Forwards, lora_student
+from test_steps_common import Forwards, eval_students
 from vlrlcd.adapters.config import LoraConfig, TinyConfig
-from vlrlcd.adapters.tiny import BUILDERS
 from vlrlcd.config import load_config
 from vlrlcd.datasets.records import Record
 from vlrlcd.errors import VlrlcdError
@@ -37,15 +36,7 @@ M = 6  # max new tokens
 
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
-    root = tmp_path_factory.mktemp("students")
-    out = {}
-    for name in FAMILIES:
-        path = str(BUILDERS[name](root / name, CORPUS, TINY, seed=0))
-        torch.manual_seed(0)
-        s = lora_student(path, LoraConfig(r=4, alpha=8))
-        s.model.eval()
-        out[name] = s
-    return out
+    return eval_students(tmp_path_factory.mktemp("students"), FAMILIES, CORPUS, TINY, LoraConfig(r=4, alpha=8))
 
 
 @pytest.fixture(scope="module")

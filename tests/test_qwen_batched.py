@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_steps_common import Forwards, lora_student
+from test_steps_common import Forwards, eval_students
 from vlrlcd.adapters.config import LoraConfig, TinyConfig
-from vlrlcd.adapters.tiny import BUILDERS
 
 TINY = TinyConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                   vision_hidden_size=32, vision_layers=1)
@@ -32,15 +31,7 @@ M = 6  # max new tokens
 
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
-    root = tmp_path_factory.mktemp("students")
-    out = {}
-    for name in FAMILIES:
-        path = str(BUILDERS[name](root / name, CORPUS, TINY, seed=0))
-        torch.manual_seed(0)
-        student = lora_student(path, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
-        student.model.eval()
-        out[name] = student
-    return out
+    return eval_students(tmp_path_factory.mktemp("students"), FAMILIES, CORPUS, TINY, LoraConfig(r=4, alpha=8, dropout=0.0))
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,20 @@ class Forwards:
         self.handle.remove()
 
 
+def eval_students(root, families, corpus, tiny, lora) -> dict:
+    """{family: a tiny student of that family built under root with a random LoRA (`lora_student`), in eval
+    mode}; the same weights for every family's seed 0."""
+    from vlrlcd.adapters.tiny import BUILDERS
+
+    out = {}
+    for name in families:
+        path = str(BUILDERS[name](root / name, corpus, tiny, seed=0))
+        torch.manual_seed(0)
+        out[name] = lora_student(path, lora, seed=0)
+        out[name].model.eval()
+    return out
+
+
 def lora_student(path: str, lora, seed: int = 0, scale: float = 0.3):
     """A student loaded through the real loader whose LoRA B is random (not zero), so the adapter changes
     the logits."""

@@ -6,11 +6,10 @@ import base64
 import io
 import logging
 import random
-import uuid
 from pathlib import Path
 
 import pytest
-from helpers_http import FakeChatServer
+from helpers_http import KEY_ENV, FakeChatServer, api_key, server  # noqa: F401 (fixtures)
 from PIL import Image
 
 from vlrlcd.config import load_config
@@ -21,21 +20,6 @@ from vlrlcd.teacher.config import TeacherConfig
 from vlrlcd.teacher.retry import retry_delay
 from vlrlcd.teacher.runner import CachedJudge, fill_anchors, run_anchors
 from vlrlcd.teacher.store import AnchorStore
-
-KEY_ENV = "VLRLCD_TEST_KEY"
-
-
-@pytest.fixture
-def server():
-    with FakeChatServer(hang_s=3.0) as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch) -> str:
-    key = "sk-test-" + uuid.uuid4().hex
-    monkeypatch.setenv(KEY_ENV, key)
-    return key
 
 
 def openai_cfg(server: FakeChatServer, **kw) -> TeacherConfig:
