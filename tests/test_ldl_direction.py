@@ -133,5 +133,23 @@ def test_anchor_match_scores_normalised_agreement(paths):
     # "Red." normalises to "red": 1; "blue": no shared token: 0; "a red one" -> {"red", "one"} vs {"red"}:
     # precision 1/2, recall 1, F1 = 2/3
     assert torch.allclose(s.candidates, torch.tensor([1.0, 0.0, 2 / 3])) and float(s.anchor) == 1.0
-    assert get_scorer("anchor_match") is anchor_match
+    assert get_scorer("anchor_match").func is anchor_match   # bound to the ranking settings it reads
     assert float(anchor_match(student, "q", None, None, cands).candidates.abs().sum()) == 0.0
+
+
+def test_anchor_suffix_counts_the_answer_of_a_sentence_anchor_as_agreement(paths):
+    """ranking.anchor_suffix: against "I think it is 47." the bare "47" agrees (1), a wrong sentence keeps its
+    token F1 (4 of 5 words shared: 0.8), a word inside the frame ("think") is not a suffix; off, "47" gets
+    F1 1/3 and ranks below the wrong sentence."""
+    from vlrlcd.ranking.scorers import get_scorer
+
+    base, adapter = paths
+    student = load_student(StudentConfig(name_or_path=str(base)), adapter=adapter, reference=adapter)
+    cands = [student.encode_response(t) for t in ("47", "I think it is 46.", "think", "I think it is 47.")]
+    anchor = "I think it is 47."
+    on = get_scorer("anchor_match", RankingConfig(anchor_suffix=True))(student, "q", None, anchor, cands)
+    off = get_scorer("anchor_match", RankingConfig())(student, "q", None, anchor, cands)
+    assert torch.allclose(on.candidates, torch.tensor([1.0, 0.8, 2 * 0.2 / 1.2, 1.0]))
+    assert torch.allclose(off.candidates, torch.tensor([2 * 0.2 / 1.2, 0.8, 2 * 0.2 / 1.2, 1.0]))
+    bare = get_scorer("anchor_match", RankingConfig(anchor_suffix=True))(student, "q", None, "47", cands)
+    assert float(bare.candidates[0]) == 1.0 and float(bare.candidates[3]) < 1.0   # a bare anchor: unchanged

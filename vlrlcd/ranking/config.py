@@ -23,6 +23,7 @@ class RankingConfig:
     pair_margin: float = 0.0           # a pair needs r_chosen − r_rejected > pair_margin
     distinct: bool = False             # D_x and q_θ over the group's distinct candidates (repeats get D = 0, no q)
     anchor_in_group: bool = False      # the anchor joins the K candidates as one more (r = 0) member of the group
+    anchor_suffix: bool = False        # anchor_match: a candidate equal to the anchor's last words agrees with it
     # clip: an open_clip architecture name (or a model-config .json) and its weights: a local checkpoint
     # file, or a pretrained tag already in the local open_clip cache; "random" = untrained (tests only)
     clip_model: str = "ViT-B-32"

@@ -202,17 +202,28 @@ def clip(student: StudentAdapter, prompt: str, image: Any, anchor: str | None, c
 # ------------------------------------------------------------------ anchor_match
 @torch.no_grad()
 def anchor_match(student: StudentAdapter, prompt: str, image: Any, anchor: str | None, candidates: list[list[int]],
-                 features: Any = None) -> Scores:
+                 features: Any = None, cfg: RankingConfig | None = None) -> Scores:
     """g(x, a, y) = 1 when y and the anchor are equal after answer normalisation, else their token-overlap F1
-    (teacher/base.reference_score): the anchor read as text, no model pass. g(x, a, a) = 1; without an
+    (teacher/base.reference_score): the anchor read as text, no model pass. With `ranking.anchor_suffix`, a
+    candidate that is the anchor's last words ("47" for "I think it is 47.") also counts as agreement, so a
+    sentence-form anchor does not rank a wrong sentence above its own bare answer. g(x, a, a) = 1; without an
     anchor every score is 0."""
+    from vlrlcd.evaluation.metrics import normalize_answer
     from vlrlcd.teacher.base import reference_score
 
     zeros = torch.zeros(len(candidates), device=student.device)
     if anchor is None:
         return Scores(zeros, zeros.new_zeros(()))
-    g = torch.tensor([reference_score(student.decode(c), anchor) for c in candidates], device=student.device)
-    return Scores(g, zeros.new_ones(()))
+    tail = normalize_answer(anchor).split() if cfg is not None and cfg.anchor_suffix else None
+
+    def g(text: str) -> float:
+        words = normalize_answer(text).split()
+        if tail is not None and words and len(words) < len(tail) and tail[-len(words):] == words:
+            return 1.0
+        return reference_score(text, anchor)
+
+    return Scores(torch.tensor([g(student.decode(c)) for c in candidates], device=student.device),
+                  zeros.new_ones(()))
 
 
 # ------------------------------------------------------------------ composite
