@@ -7,7 +7,6 @@ made before the demo logged it.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -15,21 +14,22 @@ import yaml
 
 
 def anchor_train_score(run: Path) -> tuple[int, float | None]:
-    from vlrlcd.config import REMOVED_KEYS, from_dict
+    """(anchored training records, their anchors' mean score) from RUN/config.yaml's teacher section, RUN's data
+    and its anchor store (only the teacher section is read: older runs' other sections may use renamed keys)."""
+    from vlrlcd.config import from_dict
     from vlrlcd.datasets.records import read_jsonl
     from vlrlcd.evaluation.chance import anchor_score
     from vlrlcd.teacher.config import TeacherConfig
-    from vlrlcd.teacher.store import anchor_key
+    from vlrlcd.teacher.store import AnchorStore
 
-    raw = dict((yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("teacher") or {})
-    for key in REMOVED_KEYS:   # keys older versions wrote into config.yaml
-        if key.startswith("teacher."):
-            raw.pop(key.split(".", 1)[1], None)
-    cfg = from_dict(TeacherConfig, raw, "teacher.")
+    raw = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("teacher") or {}
+    cfg = from_dict(TeacherConfig, raw, "teacher.")   # removed keys at their old values are skipped with a note
     records = list(read_jsonl(run / "data" / "train.jsonl"))
-    with sqlite3.connect(f"file:{run / 'anchors.sqlite'}?mode=ro", uri=True) as db:
-        text = dict(db.execute("SELECT key, text FROM anchors WHERE status = 'ok'").fetchall())
-    anchors = {r.id: text[k] for r in records if (k := anchor_key(cfg, r)) in text}
+    store = AnchorStore(run / "anchors.sqlite")
+    try:
+        anchors = store.anchors_for(records, cfg)
+    finally:
+        store.close()
     return len(anchors), anchor_score(records, anchors)
 
 
