@@ -63,9 +63,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
     from vlrlcd.run import run_methods
 
     cfg = demo_config(out, seed, quick, overrides, task)
-    result = run_methods(cfg, ["ldl_grpo"] if quick else list(METHODS), progress=progress)
-    result.task, result.quick = task, quick
-    summary = result.write(cfg.run_dir)
+    summary = run_methods(cfg, ["ldl_grpo"] if quick else list(METHODS), progress=progress, task=task,
+                          quick=quick).to_json()   # as run_methods wrote it
     print(format_table(summary), flush=True)
     print(f"chance level ({task}: the best input-blind constant answer per question type, chosen on the "
           f"training split): {summary['chance']:.3f}" if summary["chance"] is not None else "chance level: -",

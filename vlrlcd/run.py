@@ -33,13 +33,13 @@ def stage_names(methods: list[str]) -> list[str]:
 
 def run_methods(cfg: Config, methods: list[str], dist: "Dist | None" = None, resume: bool = False,
                 progress: bool = True, restart: str | None = None, keep_going: bool = False,
-                on_method: OnMethod | None = None) -> Summary:
+                on_method: OnMethod | None = None, task: str | None = None, quick: bool | None = None) -> Summary:
     """Train and evaluate SFT and then each method in `methods` from the SFT adapter; writes RUN/summary.json.
 
     `resume` (implied by `restart`, a stage to train again) reuses finished stages and continues unfinished
     ones. With `keep_going`, a method that fails with a user error (VlrlcdError) is recorded in
     `Summary.errors` and the others still run. `on_method(name, summary)` runs after each method (sft first);
-    the summary's metrics are filled on process 0 only."""
+    the summary's metrics are filled on process 0 only. `task` / `quick` label a demo's summary."""
     stages = stage_names(methods)
     for name in stages[1:]:  # fail before any work: e.g. tvkd_dpo without a teacher
         replace(cfg.train, objective=name).validate()
@@ -49,6 +49,7 @@ def run_methods(cfg: Config, methods: list[str], dist: "Dist | None" = None, res
     prep = pipeline.prepare(cfg, progress=progress and main, dist=dist)
     build_base(prep, dist, fresh=not (resume and pipeline.stage_record(Path(cfg.run_dir) / "sft") is not None))
     summary = new_summary(prep, dist)
+    summary.task, summary.quick = task, quick
     sft_adapter, summary.methods["sft"] = pipeline.run_sft(prep, progress=progress, resume=resume, dist=dist)
     _done("sft", summary, t0, on_method)
     for name in stages[1:]:
