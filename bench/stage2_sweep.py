@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--task", default="vqa", help="the demo task whose recipe to use (vqa | captions | text)")
     ap.add_argument("--train-eval", type=int, default=256, help="training prompts to greedy-evaluate")
+    ap.add_argument("--oracle-anchors", action="store_true",
+                    help="diagnostic only: stage II ranks against each training record's reference instead of its "
+                         "stored anchor (separates the anchors' noise from the objective; never a method)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
@@ -88,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     student = load_student(scfg, adapter=sft_adapter, reference=sft_adapter)
     ctx = make_context(cfg, cfg.train)
     t1 = time.time()
-    rows = train_rl(student, prep.train, prep.anchors, cfg.train, cfg.ranking, cfg.student.max_new_tokens, out,
+    anchors = ({r.id: r.reference for r in prep.train if r.reference} if args.oracle_anchors else prep.anchors)
+    rows = train_rl(student, prep.train, anchors, cfg.train, cfg.ranking, cfg.student.max_new_tokens, out,
                     cfg.seed, prep.teacher_calls, progress=False, ctx=ctx)
     rl_seconds = time.time() - t1
     ev = greedy_scores(student, prep.eval, cfg.eval.max_new_tokens)
     tr = greedy_scores(student, prep.train[: args.train_eval], cfg.eval.max_new_tokens)
     d, lo, hi = paired(base["eval"], ev)
     res = {"name": args.name, "seed": args.seed, "overrides": args.overrides,
+           **({"oracle_anchors": True} if args.oracle_anchors else {}),
            "sft": round(float(np.mean(base["eval"])), 4), "rl": round(float(np.mean(ev)), 4),
            "diff": round(d, 4), "ci": [round(lo, 4), round(hi, 4)],
            "train_sft": round(float(np.mean(base["train"])), 4), "train_rl": round(float(np.mean(tr)), 4),
