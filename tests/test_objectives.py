@@ -102,6 +102,22 @@ def test_ldl_grpo_length_normalised_hand_computed():
     assert metrics["tokens"] == 3.0
 
 
+def test_ldl_grpo_nll_term_hand_computed():
+    lp, ref, m, D = _ldl_inputs()
+    base, _ = ldl_grpo_loss(lp, ref, m, D, 0.1, length_normalize=False)
+    loss, metrics = ldl_grpo_loss(lp, ref, m, D, 0.1, length_normalize=False, nll_weight=0.5)
+    # mean token NLL whatever q's form: [(1 + 2)/2, 3] = [1.5, 3]; Σ_k D_k NLL_k = 0.8·1.5 + 0.2·3 = 1.8
+    assert metrics["nll"] == pytest.approx(1.8, rel=1e-9)
+    assert loss.item() == pytest.approx(base.item() + 0.5 * 1.8, rel=1e-9)
+    # the term's gradient on a candidate's tokens is −α·D_k / |y_k|
+    lp.grad = None
+    (loss - base).backward()
+    expected = torch.tensor([[[-0.5 * 0.8 / 2, -0.5 * 0.8 / 2], [-0.5 * 0.2, 0.0]]], dtype=torch.float64)
+    assert torch.allclose(lp.grad, expected)
+    _, off = ldl_grpo_loss(lp, ref, m, D, 0.1)
+    assert "nll" not in off
+
+
 def test_ldl_grpo_sum_scores_hand_computed():
     lp, ref, m, D = _ldl_inputs()
     loss, metrics = ldl_grpo_loss(lp, ref, m, D, beta=0.0, length_normalize=False)

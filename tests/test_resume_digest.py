@@ -228,6 +228,7 @@ def test_a_method_section_counts_for_the_methods_that_read_it():
     readers = {"train.grpo.eps_low=0.3": {"anchor_grpo", "judge_grpo", "rlsd"},
                "train.dpo.beta=0.3": {"single_pair_dpo", "anchor_rank_dpo", "tvkd_dpo"},
                "train.rlsd.lambda0=0.5": {"rlsd"}, "train.self_ppo.eps=0.1": {"self_ppo"},
+               "train.ldl_grpo.nll=0.5": {"ldl_grpo"},
                "ranking.tau=0.25": set(methods) - {"sft2"}}
     for override, users in readers.items():
         key = override.split("=")[0]

@@ -47,6 +47,23 @@ class GrpoConfig:
 
 
 @dataclass
+class LdlConfig:
+    """`train.ldl_grpo`: the main method's own keys."""
+
+    nll: float = 0.0                   # α: + α·Σ_k D_x(k)·NLL_θ(y_k) (mean token NLL), an RPO-style likelihood
+                                       # term (arXiv 2404.19733) that keeps the agreeing candidates' absolute
+                                       # likelihood up while q_θ is matched to D_x; 0: the listwise KL alone
+
+    RANGES: ClassVar[dict[str, str]] = {"nll": "[0, inf) 0: the listwise KL alone"}
+
+    def validate(self) -> None:
+        check_ranges(self, "train.ldl_grpo.")
+
+    def require(self) -> None:
+        """ldl_grpo runs on its defaults."""
+
+
+@dataclass
 class SelfPpoConfig:
     """`train.self_ppo`."""
 

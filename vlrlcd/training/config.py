@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from vlrlcd import methods
 from vlrlcd.errors import VlrlcdError
-from vlrlcd.methods.config import DpoConfig, GrpoConfig, RlsdConfig, SelfPpoConfig, TvkdDpoConfig
+from vlrlcd.methods.config import DpoConfig, GrpoConfig, LdlConfig, RlsdConfig, SelfPpoConfig, TvkdDpoConfig
 from vlrlcd.ranges import check_ranges
 
 def objectives() -> tuple[str, ...]:
@@ -50,6 +50,7 @@ class TrainConfig:
     # the methods' own sections, train.<section>.* (vlrlcd/methods/config.py)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    ldl_grpo: LdlConfig = field(default_factory=LdlConfig)
     self_ppo: SelfPpoConfig = field(default_factory=SelfPpoConfig)
     rlsd: RlsdConfig = field(default_factory=RlsdConfig)
     tvkd_dpo: TvkdDpoConfig = field(default_factory=TvkdDpoConfig)
