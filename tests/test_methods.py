@@ -92,5 +92,6 @@ def test_a_toy_method_runs_in_the_loop(toy, setup, tmp_path):
     cfg = TrainConfig(objective=toy, rl_steps=2, batch_size=2, lr=1e-2, tensorboard=False)
     rows = train_rl(student_of(setup), recs, anchors, cfg, RankingConfig(), MAX_NEW, tmp_path, progress=False)
     assert len(rows) == 2 and all(not r["skipped"] and "best" in r for r in rows)
+    assert all(0.0 <= r["unfinished"] <= 1.0 for r in rows)   # the collapse watch's column (training/runaway.py)
     logged = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert len(logged) == 4 and all(len(x["candidates"]) == 3 for x in logged)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
@@ -37,6 +39,7 @@ from vlrlcd.training.config import TrainConfig
 from vlrlcd.training.diagnostics import group_diagnostics
 from vlrlcd.training.distributed import Dist, single_process
 from vlrlcd.training.order import epoch_order
+from vlrlcd.training.runaway import RunawayWatch, unfinished_share
 from vlrlcd.training.rollout import Group, rollout_batch, sample_generator
 from vlrlcd.training.session import Session, Trainables
 from vlrlcd.training.steps import StepContext, batched_passes
@@ -117,6 +120,7 @@ def rl_step(run: RLSetup, step: int, batch: list[Record], anchors: list[str]) ->
             metrics.append(m)
             continue
         tokens += m.get("tokens", 0.0)
+        m = {**m, "unfinished": unfinished_share(g.candidates, student.eos_ids)}
         if g.ranked:
             m = {**m, "margin_mean": float(g.margins.mean()), "dx_entropy": float(entropy(g.target[None])[0])}
         metrics.append({**m, **group_diagnostics(g.record, g.texts, g.margins, g.target)})  # never a training signal
@@ -185,7 +189,7 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
         ctx.state = session.loop_state.get("ctx_state", ctx.state)
         calls_total: dict[str, int] = dict(session.loop_state.get("calls", {}))  # every process, cumulative
         loop_state = lambda: {"ctx_state": ctx.state, "calls": calls_total}  # noqa: E731
-        rollouts_path = out / "rollouts.jsonl"
+        rollouts_path, watch = out / "rollouts.jsonl", RunawayWatch()
         if dist.is_main:
             _truncate_rollouts(rollouts_path, session.start_step)
         for step in range(session.start_step, cfg.rl_steps):
@@ -197,8 +201,11 @@ def train_rl(student: StudentAdapter, records: list[Record], anchors: dict[str, 
                                    "teacher_calls": teacher_calls, **calls_total,
                                    "prompts_without_anchor": len(records) - len(pool)},
                         r.ok, r.reason, r.tokens, step_seconds=time.time() - ts, count_bad=r.counts_bad)
+            warning = watch.update(step + 1, r.means.get("unfinished"), cfg.lr)
             if dist.is_main:
                 _append_lines(rollouts_path, r.lines)
+                if warning:
+                    tqdm.write(warning, file=sys.stderr)
             session.end_step(step + 1, loop_state)
         session.finish(loop_state)
     student.model.eval()
