@@ -3,8 +3,8 @@
 Samples K answers per training prompt from RUN's SFT adapter (temperature 1, seeded) and prints, for groups
 split by what the samples say (no sample agrees with the anchor; the samples' majority disagrees with it), how
 often the anchor is wrong there and how often the majority is right. A diagnostic against the training
-references, never a training signal. Agreement is the normalised exact match, or the anchor's final word
-(as `ranking.anchor_suffix` reads a sentence anchor).
+references, never a training signal. Agreement is the `anchor_match` scorer's (with `ranking.anchor_suffix`):
+a score of 1 against the anchor, for a sample and for the record's reference alike.
 """
 
 from __future__ import annotations
@@ -31,25 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     from vlrlcd.demo import demo_config
     from vlrlcd.evaluation.metrics import normalize_answer, score_record
     from vlrlcd.pipeline import prepare
+    from vlrlcd.ranking.config import RankingConfig
+    from vlrlcd.ranking.scorers import anchor_match
     from vlrlcd.student_base import built_student_config
 
     cfg = demo_config(args.run, args.seed, False, [], task=args.task)
     prep = prepare(cfg, progress=False)
     student = load_student(built_student_config(cfg), adapter=Path(args.run) / "sft" / "adapter")
     student.model.eval()
+    rcfg = RankingConfig(scorer="anchor_match", anchor_suffix=True)
     rows = []
     for i in range(0, len(prep.train), 32):
-        chunk = [r for r in prep.train[i:i + 32] if r.id in prep.anchors]
+        chunk = [r for r in prep.train[i:i + 32] if r.id in prep.anchors and r.reference]
         seqs = student.sample_batch([student.prefix(r.prompt, r.image) for r in chunk], args.k,
                                     cfg.student.max_new_tokens, 1.0)
         for r, s in zip(chunk, seqs):
+            # the K samples and, last, the reference, each scored against the anchor as stage II scores them
+            agrees = (anchor_match(student, r.prompt, r.image, prep.anchors[r.id],
+                                   s + [student.encode_response(r.reference)], cfg=rcfg).candidates == 1.0).tolist()
             texts = [normalize_answer(student.decode(x)) for x in s]
-            anchor = normalize_answer(prep.anchors[r.id])
-            tail = anchor.split()[-1] if anchor.split() else anchor
             majority, count = Counter(texts).most_common(1)[0]
-            rows.append({"anchor_right": score_record(r, prep.anchors[r.id]) == 1.0 or score_record(r, tail) == 1.0,
-                         "agree": sum(t in (anchor, tail) for t in texts), "share": count / args.k,
-                         "majority_agrees": majority in (anchor, tail),
+            at = texts.index(majority)
+            rows.append({"anchor_right": agrees[-1], "agree": sum(agrees[:-1]), "share": count / args.k,
+                         "majority_agrees": agrees[at],
                          "majority_right": score_record(r, majority) == 1.0})
 
     def line(name: str, keep) -> None:

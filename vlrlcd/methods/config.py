@@ -2,8 +2,8 @@
 
 They live here, beside the methods and free of torch, so that reading a config stays light (as every
 section's config.py). A method names the sections it reads in `Method.sections`; a section named after an
-objective (`train.tvkd_dpo`) is that method's own, and its `require()` says what the method cannot run
-without (TrainConfig.validate calls it for the chosen objective).
+objective (`train.tvkd_dpo`) is that method's own; where it has a `require()`, that says what the method
+cannot run without (TrainConfig.validate calls it for the chosen objective).
 """
 
 from __future__ import annotations
@@ -59,9 +59,6 @@ class LdlConfig:
     def validate(self) -> None:
         check_ranges(self, "train.ldl_grpo.")
 
-    def require(self) -> None:
-        """ldl_grpo runs on its defaults."""
-
 
 @dataclass
 class SelfPpoConfig:
@@ -74,9 +71,6 @@ class SelfPpoConfig:
 
     def validate(self) -> None:
         check_ranges(self, "train.self_ppo.")
-
-    def require(self) -> None:
-        """self_ppo runs on its defaults."""
 
 
 @dataclass
@@ -92,9 +86,6 @@ class RlsdConfig:
 
     def validate(self) -> None:
         check_ranges(self, "train.rlsd.")
-
-    def require(self) -> None:
-        """rlsd runs on its defaults."""
 
 
 @dataclass

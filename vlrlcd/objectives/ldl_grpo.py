@@ -26,9 +26,8 @@ def ldl_grpo_loss(token_logp: Tensor, ref_token_logp: Tensor | None, mask: Tenso
     if target.shape != token_logp.shape[:2]:
         raise ValueError(f"target must be [B, K] = {tuple(token_logp.shape[:2])}, got {tuple(target.shape)}")
     target = target.detach().to(token_logp.dtype)
-    scores = sequence_scores(token_logp, mask, length_normalize)              # [B, K]
-    if valid is not None:
-        scores = scores.masked_fill(~valid.bool(), float("-inf"))
+    seq = sequence_scores(token_logp, mask, length_normalize)                 # [B, K]
+    scores = seq if valid is None else seq.masked_fill(~valid.bool(), float("-inf"))
     log_q = torch.log_softmax(scores, dim=-1)
     cross = (target * log_q.masked_fill(target == 0, 0.0)).sum(-1)           # Σ D log q
     neg_h = torch.special.xlogy(target, target).sum(-1)                      # Σ D log D
@@ -44,7 +43,7 @@ def ldl_grpo_loss(token_logp: Tensor, ref_token_logp: Tensor | None, mask: Tenso
     loss = kl_target + beta * kl_ref
     nll = token_logp.new_zeros(())
     if nll_weight != 0:
-        mean_nll = -sequence_scores(token_logp, mask, True)                   # [B, K]
+        mean_nll = -(seq if length_normalize else sequence_scores(token_logp, mask, True))   # [B, K]
         nll = (target * mean_nll.masked_fill(target == 0, 0.0)).sum(-1).mean()
         loss = loss + nll_weight * nll
 

@@ -83,7 +83,7 @@ class TrainConfig:
         for name in METHOD_SECTIONS:
             getattr(self, name).validate()
         own = getattr(self, self.objective, None) if self.objective in METHOD_SECTIONS else None
-        if own is not None:  # what the chosen method cannot run without (e.g. tvkd_dpo's teacher)
+        if hasattr(own, "require"):  # what the chosen method cannot run without (e.g. tvkd_dpo's teacher)
             own.require()
 
 
