@@ -249,3 +249,13 @@ def test_digest_is_stable_across_processes_and_key_order():
         outs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                                 timeout=120).stdout.strip())
     assert outs == {digest_of(stage_config_inputs(_cfg(), "ldl_grpo"))}
+
+
+def test_a_key_added_later_counts_only_once_it_is_on():
+    """student.tiny.tower_pretrain_epochs came after runs were recorded: at 0 (off) it is left out, so those
+    runs still resume; set, it counts for stage I and stage II alike."""
+    for stage in ("sft", "ldl_grpo"):
+        off = stage_config_inputs(_cfg("student.name_or_path=tiny-llava"), stage)
+        assert not any("tower_pretrain" in k for k in off)
+        on = stage_config_inputs(_cfg("student.name_or_path=tiny-llava", "student.tiny.tower_pretrain_epochs=1"), stage)
+        assert changed_keys(off, on) == ["student.tiny.tower_pretrain_epochs"], stage

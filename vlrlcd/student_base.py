@@ -60,7 +60,7 @@ def build_student_base(prep: "Prepared", rebuild_stale: bool = False) -> Student
         if prep.progress:
             print(f"{base.name}: built from other settings or data; building it again", flush=True)
     if not (base / "config.json").exists():
-        from vlrlcd.training.pretrain import pretrain_base, pretraining_records
+        from vlrlcd.training.pretrain import pretrain_base, pretrain_tower, pretraining_records
 
         t = scfg.tiny
         tmp = base.with_name(base.name + ".tmp")
@@ -72,7 +72,9 @@ def build_student_base(prep: "Prepared", rebuild_stale: bool = False) -> Student
         corpus += [r.reference for r in prep.train + prep.eval + generic if r.reference]
         build = build_tiny_llava if vision else build_tiny_text
         build(tmp, corpus, t, seed=prep.cfg.seed)
-        if generic:
+        if generic and vision and t.tower_pretrain_epochs:
+            pretrain_tower(tmp, generic, t.tower_pretrain_epochs, t.pretrain_lr, prep.cfg.seed, progress=prep.progress)
+        if generic and t.pretrain_epochs:
             pretrain_base(tmp, generic, t.pretrain_epochs, t.pretrain_lr, prep.cfg.seed, progress=prep.progress)
         (tmp / BASE_RECORD).write_text(json.dumps({"digest": digest_of(inputs), "inputs": inputs}, indent=1),
                                        encoding="utf-8")
@@ -82,10 +84,10 @@ def build_student_base(prep: "Prepared", rebuild_stale: bool = False) -> Student
 
 def _base_inputs(prep: "Prepared") -> dict:
     """What a tiny base is built from: its sizes, the seed, and the corpus (both splits and the anchors)."""
-    from vlrlcd.training.digest import anchors_digest, flatten, records_digest
+    from vlrlcd.training.digest import anchors_digest, flatten, omit_added_off, records_digest
 
     cfg, run = prep.cfg, prep.cfg.run_dir
-    return {"seed": cfg.seed, "student.name_or_path": cfg.student.name_or_path, **flatten(cfg.student.tiny, "student.tiny"),
+    return {"seed": cfg.seed, "student.name_or_path": cfg.student.name_or_path, **omit_added_off(flatten(cfg.student.tiny, "student.tiny")),
             "data.train_records": records_digest(prep.train, run), "data.eval_records": records_digest(prep.eval, run),
             "anchors": anchors_digest(prep.anchors)}
 

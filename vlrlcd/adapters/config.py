@@ -37,14 +37,18 @@ class TinyConfig:
     image_size: int = 32
     patch_size: int = 8
     pretrain_examples: int = 0        # >0: pretrain every weight on generic data first (see training/pretrain.py)
-    pretrain_epochs: float = 2.0
+    pretrain_epochs: float = 2.0      # of all weights on the generic data (0: only the tower's stage, below)
     pretrain_lr: float = 0.003
+    tower_pretrain_epochs: float = 0.0  # >0 (tiny-llava): first train the vision tower alone to name each patch's
+                                        # object on the pretraining scenes (training/pretrain.py: without it the
+                                        # tower never learns shapes)
 
     RANGES: ClassVar[dict[str, str]] = {
         "vocab_size": "[1, inf)", "hidden_size": "[1, inf)", "num_layers": "[1, inf)", "num_heads": "[1, inf)",
         "intermediate_size": "[1, inf)", "vision_hidden_size": "[1, inf)", "vision_layers": "[1, inf)",
         "image_size": "[1, inf)", "patch_size": "[1, inf)", "pretrain_examples": "[0, inf) 0: no pretraining",
-        "pretrain_epochs": "(0, inf)", "pretrain_lr": "(0, inf)",
+        "pretrain_epochs": "[0, inf) 0: the tower's stage only", "pretrain_lr": "(0, inf)",
+        "tower_pretrain_epochs": "[0, inf) 0: none",
     }
 
     def validate(self, prefix: str = "student.tiny.") -> None:

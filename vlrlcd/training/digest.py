@@ -28,6 +28,8 @@ _DATA_EVAL_ONLY = {"eval_path", "eval_size", "eval_split"}
 # teacher.* keys that change what the teacher answers (judge_grpo asks it during stage II); the rest is transport
 _TEACHER_ANSWERS = {"backend", "model", "base_url", "jsonl_path", "temperature", "max_tokens", "system_prompt",
                     "quantization", "error_rate", "paraphrase_rate", "seed"}
+# keys added after runs were recorded, left out while at their off value so that those runs still resume
+_ADDED_OFF = {"student.tiny.tower_pretrain_epochs": 0.0}
 # inputs computed from files rather than read from the config (phase-one checks, before any data is loaded,
 # compare the config keys only)
 DERIVED = ("student.base", "data.train_records", "data.eval_records", "anchors", "start")
@@ -73,8 +75,14 @@ def _drop(d: dict[str, Any], prefix: str, names: Iterable[str]) -> dict[str, Any
     return {k: v for k, v in d.items() if k not in gone and not any(k.startswith(g + ".") for g in gone)}
 
 
+def omit_added_off(keys: dict[str, Any]) -> dict[str, Any]:
+    """`keys` without the later-added keys that are at their off value (_ADDED_OFF): a run recorded before a
+    key existed resumes as long as the key stays off."""
+    return {k: v for k, v in keys.items() if not (k in _ADDED_OFF and v == _ADDED_OFF[k])}
+
+
 def _student(cfg, sampling: bool) -> dict[str, Any]:
-    keys = flatten(cfg.student, "student")
+    keys = omit_added_off(flatten(cfg.student, "student"))
     if cfg.student.name_or_path not in ("tiny-llava", "tiny-text"):  # pipeline.TINY_STUDENTS
         keys = _drop(keys, "student", ["tiny"])
     return keys if sampling else _drop(keys, "student", ["max_new_tokens"])
