@@ -185,6 +185,23 @@ def test_self_ppo_running_baseline(tiny):
     assert ctx.state["ppo_baseline"] == pytest.approx(0.9 * (r1 + r2) / 2 + 0.1, abs=1e-6)
 
 
+def test_self_ppo_scores_with_its_own_scorer_whatever_ranking_scorer_is(tiny):
+    """The demo recipes rank with anchor_match, which reads only the anchor: self_ppo (no anchor) would get
+    reward 0 for every sample. Its reward comes from train.self_ppo.scorer (self_likelihood) instead."""
+    s = tiny["student"]
+    tcfg = TrainConfig(objective="self_ppo", beta=0.0)
+    rcfg = RankingConfig(scorer="anchor_match")
+    assert rollout_plan(tcfg, rcfg, REC).scorer == "self_likelihood"
+    g = rollout(s, REC, "7", tcfg, rcfg, MAX_NEW, sample_generator(0, 0, 0))
+    with torch.no_grad():
+        own = float(s.token_logprobs(s.prefix(REC.prompt), g.candidates).sequence(True)[0])
+    assert float(g.scores.candidates[0]) == pytest.approx(own, abs=1e-5) and own < 0
+    with pytest.raises(VlrlcdError, match="train.self_ppo.scorer 'anchor_match' reads only the anchor"):
+        SelfPpoConfig(scorer="anchor_match").validate()
+    with pytest.raises(VlrlcdError, match="train.self_ppo.scorer 'nope' is not available"):
+        SelfPpoConfig(scorer="nope").validate()
+
+
 def test_rlsd_lambda_decays_with_the_step(tiny):
     s = tiny["student"]
     rcfg = RankingConfig()

@@ -66,11 +66,20 @@ class SelfPpoConfig:
 
     eps: float = 0.2                   # PPO clip range
     baseline_momentum: float = 0.9     # running-mean reward baseline b ← m·b + (1 − m)·R
+    scorer: str = "self_likelihood"    # its reward g(x, ∅, y), scored without the anchor (not ranking.scorer: the
+                                       # demo's anchor_match reads only the anchor and would give every sample 0)
 
     RANGES: ClassVar[dict[str, str]] = {"eps": "[0, 1)", "baseline_momentum": "[0, 1)"}
 
     def validate(self) -> None:
+        from vlrlcd.ranking.scorers import ANCHOR_ONLY, SCORERS
+
         check_ranges(self, "train.self_ppo.")
+        if self.scorer not in SCORERS:
+            raise VlrlcdError(f"train.self_ppo.scorer '{self.scorer}' is not available; available: {', '.join(SCORERS)}")
+        if self.scorer in ANCHOR_ONLY:
+            raise VlrlcdError(f"train.self_ppo.scorer '{self.scorer}' reads only the anchor, and self_ppo scores "
+                              f"without one (every reward would be 0); use self_likelihood or self_judge")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """self_ppo (`train.self_ppo.*`): PPO-clip on one sample per prompt, reward = the student's own score of it
-without the anchor, against a running-mean baseline. No teacher signal at all."""
+without the anchor (`train.self_ppo.scorer`, not ranking.scorer), against a running-mean baseline. No teacher
+signal at all."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class SelfPpo(Method):
     sections = ("self_ppo",)
 
     def plan(self, cfg, rcfg, record, lockstep) -> RolloutPlan:
-        return RolloutPlan(1, "plain", rcfg.score_with)
+        return RolloutPlan(1, "plain", rcfg.score_with, cfg.self_ppo.scorer)
 
     def group_loss(self, student, group, passes: Passes, cfg, ctx) -> LossOut:
         if group.scores is None or len(group.candidates) != 1:

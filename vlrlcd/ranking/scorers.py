@@ -244,6 +244,8 @@ def composite(student: StudentAdapter, prompt: str, image: Any, anchor: str | No
 
 SCORERS: dict[str, Callable] = {"self_likelihood": self_likelihood, "self_judge": self_judge, "clip": clip,
                                 "anchor_match": anchor_match, "composite": composite}
+# scorers that read only the anchor: without one every candidate scores 0 (no signal for self_ppo)
+ANCHOR_ONLY = frozenset({"anchor_match"})
 # scorers with a batched form f(student, items: list[ScoreItem]) -> list[Scores] (the rollout scores a step's
 # groups in one call); the others run group by group
 BATCH_SCORERS: dict[str, Callable] = {"self_likelihood": self_likelihood_batch}

@@ -28,7 +28,8 @@ _DATA_EVAL_ONLY = {"eval_path", "eval_size", "eval_split"}
 # teacher.* keys that change what the teacher answers (judge_grpo asks it during stage II); the rest is transport
 _TEACHER_ANSWERS = {"backend", "model", "base_url", "jsonl_path", "temperature", "max_tokens", "system_prompt",
                     "quantization", "error_rate", "paraphrase_rate", "seed"}
-# keys added after runs were recorded, left out while at their off value so that those runs still resume
+# keys added after runs were recorded, left out while at their off value (the behaviour before them) so that
+# those runs still resume (train.self_ppo.scorer is not: before it self_ppo scored with ranking.scorer)
 _ADDED_OFF = {"student.tiny.tower_pretrain_epochs": 0.0}
 # inputs computed from files rather than read from the config (phase-one checks, before any data is loaded,
 # compare the config keys only)

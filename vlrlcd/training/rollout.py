@@ -32,11 +32,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class RolloutPlan:
     """k: samples per prompt; score: "anchor" (rank against the anchor), "plain" (score without it) or
-    "none"; score_with: the adapter the scorer runs under (policy | sft)."""
+    "none"; score_with: the adapter the scorer runs under (policy | sft); scorer: a `SCORERS` name in place
+    of ranking.scorer (None: ranking.scorer)."""
 
     k: int
     score: str
     score_with: str
+    scorer: str | None = None
 
 
 def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record, lockstep: bool = False,
@@ -124,11 +126,12 @@ def score_batch(student: StudentAdapter, records: Sequence[Record], anchors: Seq
     has a batched form (`BATCH_SCORERS`: self_likelihood); None where the group is left to `rank_group`
     (not scored, or a scorer that runs group by group)."""
     out: list[Scores | None] = [None] * len(records)
-    batched = BATCH_SCORERS.get(rcfg.scorer)
-    if batched is None:
-        return out
-    for score_with in sorted({p.score_with for p in plans if p.score != "none"}):
-        idx = [i for i, p in enumerate(plans) if p.score != "none" and p.score_with == score_with]
+    scored = [i for i, p in enumerate(plans) if p.score != "none"]
+    for score_with, name in sorted({(plans[i].score_with, plans[i].scorer or rcfg.scorer) for i in scored}):
+        batched = BATCH_SCORERS.get(name)
+        if batched is None:
+            continue
+        idx = [i for i in scored if plans[i].score_with == score_with and (plans[i].scorer or rcfg.scorer) == name]
         items = [ScoreItem(records[i].prompt, records[i].image, anchors[i] if plans[i].score == "anchor" else None,
                            candidates[i], prefixes[i].image_features) for i in idx]
         with scoring_adapter(student, score_with):
@@ -163,7 +166,7 @@ def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: Rollo
     if plan.score == "none":
         scores = None
     elif scores is None:
-        scorer = get_scorer(rcfg.scorer, rcfg)
+        scorer = get_scorer(plan.scorer or rcfg.scorer, rcfg)
         with scoring_adapter(student, plan.score_with):
             scores = scorer(student, record.prompt, record.image, anchor if plan.score == "anchor" else None,
                             candidates, prefix.image_features)
