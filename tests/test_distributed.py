@@ -111,7 +111,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(ddp_run):
     shutil.rmtree(single / "sft")
     shutil.copytree(run / "sft", single / "sft")
     assert cli.main(["train", str(cfg), "--no-progress", "--resume"]) == 0
-    assert max_abs_diff(tensors(run / "ldl_grpo"), tensors(single / "ldl_grpo")) < 1e-5
+    # float32 all-reduce sums in another order than one process: with the pinned versions the adapters differ by
+    # 1.07e-5 after 3 steps (at the earlier code too); the rollouts below must still match exactly
+    assert max_abs_diff(tensors(run / "ldl_grpo"), tensors(single / "ldl_grpo")) < 5e-5
     multi, one = rollout_ids(run / "ldl_grpo"), rollout_ids(single / "ldl_grpo")
     for step in one:  # the same prompts per global batch, with the same sampled candidates
         assert sorted(multi[step][0] + multi[step][1]) == sorted(one[step][0])
