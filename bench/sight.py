@@ -1,7 +1,7 @@
 """Does a pretrained tiny LLaVA base see? `python -m bench.sight [--seed S] [--tower-epochs E] [field=value ...]`.
 
 Builds the demo's tiny LLaVA (patch 16, 2048 pretraining scenes, 4 caption epochs at lr 0.002 unless overridden),
-runs the tower's stage (`--tower-epochs`, 0: none) and caption pretraining exactly as `student_base` does, then
+runs the tower's stage (`--tower-epochs`, 0: none) and caption pretraining through `student_base.pretrained_tiny`, then
 greedy-captions 256 held-out scenes and prints one JSON line: the share of objects whose colour / shape word
 appears in the caption, the graded caption score, and how often each shape word was said. Measured (seed 3, one
 thread, ~45 s): without the tower's stage colour 1.000, shape 0.347, caption score 0.328 ("circle" said 413 times,
@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     from vlrlcd.adapters.base import StudentAdapter
     from vlrlcd.adapters.config import StudentConfig, TinyConfig
     from vlrlcd.adapters.loader import load_base
-    from vlrlcd.adapters.tiny import build_tiny_llava
     from vlrlcd.datasets import synthetic
     from vlrlcd.evaluation.evaluate import greedy_answers
     from vlrlcd.evaluation.metrics import caption_attribute_score
-    from vlrlcd.training.pretrain import pretrain_base, pretrain_tower, pretraining_records
+    from vlrlcd.student_base import pretrained_tiny
+    from vlrlcd.training.pretrain import pretraining_records
 
     types = {f.name: f.type for f in fields(TinyConfig)}
     given = dict(kv.split("=", 1) for kv in args.overrides)
@@ -53,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         generic = pretraining_records(True, t.pretrain_examples, args.seed, tmp / "pretrain", t.image_size)
         held = synthetic.shapes_caption(args.scenes, args.seed, tmp / "held", t.image_size, split="eval")
         corpus = [r.prompt for r in generic + held] + [r.reference for r in generic + held]
-        path = build_tiny_llava(tmp / "base", corpus, t, seed=args.seed)
-        if t.tower_pretrain_epochs:
-            pretrain_tower(path, generic, t.tower_pretrain_epochs, t.pretrain_lr, args.seed, progress=False)
-        if t.pretrain_epochs:
-            pretrain_base(path, generic, t.pretrain_epochs, t.pretrain_lr, args.seed, progress=False)
+        path = pretrained_tiny(tmp / "base", True, corpus, generic, t, args.seed, progress=False)
         model, processor, tokenizer, family = load_base(StudentConfig(name_or_path=str(path)))
         student = StudentAdapter(model, processor, tokenizer, family, str(path))
         captions = greedy_answers(student, held, 24, 32, progress=False)

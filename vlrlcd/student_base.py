@@ -48,7 +48,6 @@ def build_student_base(prep: "Prepared", rebuild_stale: bool = False) -> Student
     scfg = prep.cfg.student
     if scfg.name_or_path not in TINY_STUDENTS:
         return scfg
-    from vlrlcd.adapters.tiny import build_tiny_llava, build_tiny_text
     from vlrlcd.training.digest import digest_of
 
     base = _tiny_base(prep.cfg)
@@ -60,7 +59,7 @@ def build_student_base(prep: "Prepared", rebuild_stale: bool = False) -> Student
         if prep.progress:
             print(f"{base.name}: built from other settings or data; building it again", flush=True)
     if not (base / "config.json").exists():
-        from vlrlcd.training.pretrain import pretrain_base, pretrain_tower, pretraining_records
+        from vlrlcd.training.pretrain import pretraining_records
 
         t = scfg.tiny
         tmp = base.with_name(base.name + ".tmp")
@@ -70,16 +69,26 @@ def build_student_base(prep: "Prepared", rebuild_stale: bool = False) -> Student
                                       t.image_size) if t.pretrain_examples else []
         corpus = [r.prompt for r in prep.train + prep.eval + generic] + list(prep.anchors.values())
         corpus += [r.reference for r in prep.train + prep.eval + generic if r.reference]
-        build = build_tiny_llava if vision else build_tiny_text
-        build(tmp, corpus, t, seed=prep.cfg.seed)
-        if generic and vision and t.tower_pretrain_epochs:
-            pretrain_tower(tmp, generic, t.tower_pretrain_epochs, t.pretrain_lr, prep.cfg.seed, progress=prep.progress)
-        if generic and t.pretrain_epochs:
-            pretrain_base(tmp, generic, t.pretrain_epochs, t.pretrain_lr, prep.cfg.seed, progress=prep.progress)
+        pretrained_tiny(tmp, vision, corpus, generic, t, prep.cfg.seed, prep.progress)
         (tmp / BASE_RECORD).write_text(json.dumps({"digest": digest_of(inputs), "inputs": inputs}, indent=1),
                                        encoding="utf-8")
         tmp.rename(base)
     return replace(scfg, name_or_path=str(base))
+
+
+def pretrained_tiny(out: Path, vision: bool, corpus: list[str], generic: list, tiny, seed: int,
+                    progress: bool = True) -> Path:
+    """Build a tiny base at `out` (tokenizer from `corpus`, random weights), then pretrain it on the `generic`
+    records: the vision tower's stage (tiny-llava, tower_pretrain_epochs), then every weight (pretrain_epochs)."""
+    from vlrlcd.adapters.tiny import build_tiny_llava, build_tiny_text
+    from vlrlcd.training.pretrain import pretrain_base, pretrain_tower
+
+    path = (build_tiny_llava if vision else build_tiny_text)(out, corpus, tiny, seed=seed)
+    if generic and vision and tiny.tower_pretrain_epochs:
+        pretrain_tower(path, generic, tiny.tower_pretrain_epochs, tiny.pretrain_lr, seed, progress=progress)
+    if generic and tiny.pretrain_epochs:
+        pretrain_base(path, generic, tiny.pretrain_epochs, tiny.pretrain_lr, seed, progress=progress)
+    return path
 
 
 def _base_inputs(prep: "Prepared") -> dict:

@@ -41,6 +41,11 @@ class RolloutPlan:
     scorer: str | None = None
 
 
+def scorer_name(plan: RolloutPlan, rcfg: RankingConfig) -> str:
+    """The scorer a plan's groups are scored with: its own, else ranking.scorer."""
+    return plan.scorer or rcfg.scorer
+
+
 def rollout_plan(cfg: TrainConfig, rcfg: RankingConfig, record: Record, lockstep: bool = False,
                  method: Method | None = None) -> RolloutPlan:
     """What `rollout` samples and scores for this record: the method's (default `cfg.objective`'s) plan. In
@@ -127,11 +132,12 @@ def score_batch(student: StudentAdapter, records: Sequence[Record], anchors: Seq
     (not scored, or a scorer that runs group by group)."""
     out: list[Scores | None] = [None] * len(records)
     scored = [i for i, p in enumerate(plans) if p.score != "none"]
-    for score_with, name in sorted({(plans[i].score_with, plans[i].scorer or rcfg.scorer) for i in scored}):
-        batched = BATCH_SCORERS.get(name)
+    for key in sorted({(plans[i].score_with, scorer_name(plans[i], rcfg)) for i in scored}):
+        batched = BATCH_SCORERS.get(key[1])
         if batched is None:
             continue
-        idx = [i for i in scored if plans[i].score_with == score_with and (plans[i].scorer or rcfg.scorer) == name]
+        idx = [i for i in scored if (plans[i].score_with, scorer_name(plans[i], rcfg)) == key]
+        score_with = key[0]
         items = [ScoreItem(records[i].prompt, records[i].image, anchors[i] if plans[i].score == "anchor" else None,
                            candidates[i], prefixes[i].image_features) for i in idx]
         with scoring_adapter(student, score_with):
@@ -166,7 +172,7 @@ def rank_group(student: StudentAdapter, record: Record, anchor: str, plan: Rollo
     if plan.score == "none":
         scores = None
     elif scores is None:
-        scorer = get_scorer(plan.scorer or rcfg.scorer, rcfg)
+        scorer = get_scorer(scorer_name(plan, rcfg), rcfg)
         with scoring_adapter(student, plan.score_with):
             scores = scorer(student, record.prompt, record.image, anchor if plan.score == "anchor" else None,
                             candidates, prefix.image_features)
