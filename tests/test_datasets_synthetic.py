@@ -110,6 +110,18 @@ def test_caption_names_every_object_with_its_colour(tmp_path):
         assert r.reference not in r.meta["distractors"]
 
 
+def test_caption_with_sides_names_where_each_object_is(tmp_path):
+    objs = [{"color": "red", "shape": "circle", "x": 5}, {"color": "blue", "shape": "square", "x": 27}]
+    assert synthetic.caption_of(objs, 32) == "a red circle on the left and a blue square on the right"
+    plain = synthetic.shapes_caption(12, 2, tmp_path / "a", image_size=32)
+    sided = synthetic.shapes_caption(12, 2, tmp_path / "b", image_size=32, sides=True)
+    for p, s in zip(plain, sided):
+        assert p.meta["objects"] == s.meta["objects"]          # the same scenes, only the words differ
+        for o in s.meta["objects"]:
+            assert f"a {o['color']} {o['shape']} on the {synthetic.side(o, 32)}" in s.reference
+        assert all(" on the " in d for d in s.meta["distractors"]) and s.reference not in s.meta["distractors"]
+
+
 def _cfg(tmp_path, *over):
     return load_config(None, [f"run_dir={tmp_path}/run", "data.train_size=40", "data.eval_size=12", *over])
 

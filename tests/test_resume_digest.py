@@ -252,10 +252,11 @@ def test_digest_is_stable_across_processes_and_key_order():
 
 
 def test_a_key_added_later_counts_only_once_it_is_on():
-    """student.tiny.tower_pretrain_epochs came after runs were recorded: at 0 (off) it is left out, so those
-    runs still resume; set, it counts for stage I and stage II alike."""
+    """student.tiny.tower_pretrain_epochs and pretrain_sides came after runs were recorded: off (0, false) they
+    are left out, so those runs still resume; set, each counts for stage I and stage II alike."""
     for stage in ("sft", "ldl_grpo"):
         off = stage_config_inputs(_cfg("student.name_or_path=tiny-llava"), stage)
-        assert not any("tower_pretrain" in k for k in off)
-        on = stage_config_inputs(_cfg("student.name_or_path=tiny-llava", "student.tiny.tower_pretrain_epochs=1"), stage)
-        assert changed_keys(off, on) == ["student.tiny.tower_pretrain_epochs"], stage
+        assert not any("tower_pretrain" in k or "pretrain_sides" in k for k in off)
+        for key, value in (("tower_pretrain_epochs", "1"), ("pretrain_sides", "true")):
+            on = stage_config_inputs(_cfg("student.name_or_path=tiny-llava", f"student.tiny.{key}={value}"), stage)
+            assert changed_keys(off, on) == [f"student.tiny.{key}"], stage

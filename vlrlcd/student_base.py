@@ -66,7 +66,7 @@ def build_student_base(prep: "Prepared", rebuild_stale: bool = False) -> Student
         shutil.rmtree(tmp, ignore_errors=True)
         vision = scfg.name_or_path == "tiny-llava"
         generic = pretraining_records(vision, t.pretrain_examples, prep.cfg.seed, tmp / "pretrain_images",
-                                      t.image_size) if t.pretrain_examples else []
+                                      t.image_size, t.pretrain_sides) if t.pretrain_examples else []
         corpus = [r.prompt for r in prep.train + prep.eval + generic] + list(prep.anchors.values())
         corpus += [r.reference for r in prep.train + prep.eval + generic if r.reference]
         pretrained_tiny(tmp, vision, corpus, generic, t, prep.cfg.seed, prep.progress)
@@ -85,7 +85,8 @@ def pretrained_tiny(out: Path, vision: bool, corpus: list[str], generic: list, t
 
     path = (build_tiny_llava if vision else build_tiny_text)(out, corpus, tiny, seed=seed)
     if generic and vision and tiny.tower_pretrain_epochs:
-        pretrain_tower(path, generic, tiny.tower_pretrain_epochs, tiny.pretrain_lr, seed, progress=progress)
+        pretrain_tower(path, generic, tiny.tower_pretrain_epochs, tiny.pretrain_lr, seed, progress=progress,
+                       sides=tiny.pretrain_sides)
     if generic and tiny.pretrain_epochs:
         pretrain_base(path, generic, tiny.pretrain_epochs, tiny.pretrain_lr, seed, progress=progress)
     return path

@@ -189,9 +189,11 @@ def shapes_vqa(
     return records
 
 
-def caption_of(objects: list[dict]) -> str:
-    """'a red circle', 'a red circle and a blue square', 'a, b and c' (objects in reading order)."""
-    parts = [f"a {o['color']} {o['shape']}" for o in objects]
+def caption_of(objects: list[dict], image_size: int | None = None) -> str:
+    """'a red circle', 'a red circle and a blue square', 'a, b and c' (objects in reading order); with
+    `image_size`, each object's side as well: 'a red circle on the left and a blue square on the right'."""
+    where = (lambda o: f" on the {side(o, image_size)}") if image_size else (lambda o: "")
+    parts = [f"a {o['color']} {o['shape']}{where(o)}" for o in objects]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -204,11 +206,14 @@ def shapes_caption(
     max_objects: int = 3,
     split: str = "train",
     exclude: set[str] | None = None,
+    sides: bool = False,
 ) -> list[Record]:
-    """n 'Describe the image.' prompts; reference names every object with its colour, reading order.
+    """n 'Describe the image.' prompts; reference names every object with its colour, reading order (and,
+    with `sides`, whether it is on the left or the right: pretraining captions only, see training/pretrain.py).
 
     Distractors are the same caption with every colour replaced (cyclic shift of the palette).
     """
+    at = image_size if sides else None
     _check_sizes(n, image_size, max_objects)
     out_dir = Path(out_dir)
     palette = list(COLORS)
@@ -219,11 +224,11 @@ def shapes_caption(
         def make(rng: random.Random):
             objects = sample_scene(rng, image_size, max_objects)
             wrong = [
-                caption_of([{**o, "color": palette[(palette.index(o["color"]) + k) % 4]} for o in objects])
+                caption_of([{**o, "color": palette[(palette.index(o["color"]) + k) % 4]} for o in objects], at)
                 for k in (1, 2, 3)
             ]
             meta = {"task": "shapes_caption", "distractors": wrong, "objects": objects}
-            return Record(id=rid, prompt=CAPTION_PROMPT, reference=caption_of(objects), meta=meta), objects
+            return Record(id=rid, prompt=CAPTION_PROMPT, reference=caption_of(objects, at), meta=meta), objects
 
         rec, objects = _draw_unique(make, "shapes_caption", seed, split, i, exclude)
         rec.image = _save_png(draw_scene(objects, image_size), out_dir, rid)

@@ -30,7 +30,7 @@ _TEACHER_ANSWERS = {"backend", "model", "base_url", "jsonl_path", "temperature",
                     "quantization", "error_rate", "paraphrase_rate", "seed"}
 # keys added after runs were recorded, left out while at their off value (the behaviour before them) so that
 # those runs still resume (train.self_ppo.scorer is not: before it self_ppo scored with ranking.scorer)
-_ADDED_OFF = {"student.tiny.tower_pretrain_epochs": 0.0}
+_ADDED_OFF = {"student.tiny.tower_pretrain_epochs": 0.0, "student.tiny.pretrain_sides": False}
 # inputs computed from files rather than read from the config (phase-one checks, before any data is loaded,
 # compare the config keys only)
 DERIVED = ("student.base", "data.train_records", "data.eval_records", "anchors", "start")

@@ -58,12 +58,15 @@ def number_records(n: int, seed: int, max_value: int = NUMBER_MAX) -> list[Recor
     return out
 
 
-def pretraining_records(vision: bool, n: int, seed: int, image_dir: Path, image_size: int) -> list[Record]:
-    """Generic (prompt, reference) pairs: scene captions for a VLM, number sense for a text model."""
+def pretraining_records(vision: bool, n: int, seed: int, image_dir: Path, image_size: int,
+                        sides: bool = False) -> list[Record]:
+    """Generic (prompt, reference) pairs: scene captions for a VLM (with `sides`, naming each object's side),
+    number sense for a text model."""
     from vlrlcd.datasets import synthetic
 
     if vision:
-        return synthetic.shapes_caption(n, seed + PRETRAIN_SEED_OFFSET, image_dir, image_size, split="pretrain")
+        return synthetic.shapes_caption(n, seed + PRETRAIN_SEED_OFFSET, image_dir, image_size, split="pretrain",
+                                        sides=sides)
     return number_records(n, seed + PRETRAIN_SEED_OFFSET)
 
 
@@ -96,11 +99,12 @@ def patch_labels(objects: list[dict], image_size: int, patch_size: int) -> tuple
 
 
 def pretrain_tower(path: str | Path, records: list[Record], epochs: float, lr: float, seed: int = 0,
-                   batch_size: int = 16, progress: bool = True) -> list[float]:
+                   batch_size: int = 16, progress: bool = True, sides: bool = False) -> list[float]:
     """Train the vision tower of the tiny LLaVA at `path` alone to name each patch's object: two linear heads
     on the tower's patch features (the layer LLaVA reads, CLS dropped), cross-entropy for shape and colour
-    (background = class 0), on records whose meta holds the scene's objects; saves the model back (the heads
-    are dropped) and returns the per-step losses."""
+    (background = class 0), on records whose meta holds the scene's objects; with `sides` a third head names
+    the patch's half of the image (left / right), so where a patch is stays in its features for the language
+    model to look up; saves the model back (the heads are dropped) and returns the per-step losses."""
     from vlrlcd.adapters.base import StudentAdapter
     from vlrlcd.adapters.config import StudentConfig
     from vlrlcd.adapters.loader import load_base
@@ -125,9 +129,12 @@ def pretrain_tower(path: str | Path, records: list[Record], epochs: float, lr: f
         shape_y.append(s)
         colour_y.append(c)
     pixels_t, shape_t, colour_t = torch.cat(pixels, 0), torch.tensor(shape_y), torch.tensor(colour_y)
+    grid = size // patch
+    side_t = torch.tensor([int(col >= grid / 2) for _ in range(grid) for col in range(grid)])   # row-major
     width = tower.config.hidden_size
     heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(width, 1 + len(SHAPES)),
-                                 "colour": torch.nn.Linear(width, 1 + len(COLORS))}).to(student.device)
+                                 "colour": torch.nn.Linear(width, 1 + len(COLORS)),
+                                 **({"side": torch.nn.Linear(width, 2)} if sides else {})}).to(student.device)
     params = list(tower.parameters()) + list(heads.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -144,6 +151,8 @@ def pretrain_tower(path: str | Path, records: list[Record], epochs: float, lr: f
         feats = out.hidden_states[layer][:, 1:]                       # [b, patches, width]
         loss = (ce(heads["shape"](feats).flatten(0, 1), shape_t[idx].flatten().to(student.device))
                 + ce(heads["colour"](feats).flatten(0, 1), colour_t[idx].flatten().to(student.device)))
+        if sides:
+            loss = loss + ce(heads["side"](feats).flatten(0, 1), side_t.repeat(len(idx)).to(student.device))
         loss.backward()
         clipped_step(params, opt, sched, 1.0)
         losses.append(loss.item())
