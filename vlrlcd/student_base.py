@@ -85,8 +85,7 @@ def pretrained_tiny(out: Path, vision: bool, corpus: list[str], generic: list, t
 
     path = (build_tiny_llava if vision else build_tiny_text)(out, corpus, tiny, seed=seed)
     if generic and vision and tiny.tower_pretrain_epochs:
-        pretrain_tower(path, generic, tiny.tower_pretrain_epochs, tiny.pretrain_lr, seed, progress=progress,
-                       sides=tiny.pretrain_sides)
+        pretrain_tower(path, generic, tiny.tower_pretrain_epochs, tiny.pretrain_lr, seed, progress=progress)
     if generic and tiny.pretrain_epochs:
         pretrain_base(path, generic, tiny.pretrain_epochs, tiny.pretrain_lr, seed, progress=progress)
     return path

@@ -42,9 +42,8 @@ class TinyConfig:
     tower_pretrain_epochs: float = 0.0  # >0 (tiny-llava): first train the vision tower alone to name each patch's
                                         # object on the pretraining scenes (training/pretrain.py: without it the
                                         # tower never learns shapes)
-    pretrain_sides: bool = False      # tiny-llava: the tower's stage also names each patch's half of the image
-                                      # and the pretraining captions each object's side ("a red circle on the
-                                      # left"), so the base knows left from right before SFT
+    pretrain_sides: bool = False      # tiny-llava: the pretraining captions name each object's side ("a red
+                                      # circle on the left"); raises SFT, not stage II's gain (README, Results)
 
     RANGES: ClassVar[dict[str, str]] = {
         "vocab_size": "[1, inf)", "hidden_size": "[1, inf)", "num_layers": "[1, inf)", "num_heads": "[1, inf)",
