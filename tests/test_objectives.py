@@ -169,6 +169,26 @@ def test_ldl_grpo_invalid_candidates_leave_the_group():
     assert loss3.item() == pytest.approx(loss2.item(), rel=1e-6)
 
 
+def test_ldl_grpo_rare_wrong_answer_gradient_with_and_without_repeats():
+    """One-token answers, 7 samples of the right "red" (p = 0.8) and 1 of the wrong "blue" (p = 0.1), D_x on red.
+    Over the multiset q_blue = 0.1 / (7·0.8 + 0.1) = 0.01754 and ∂L/∂s_blue = q_blue − D_blue = 0.01754: a group
+    the policy mostly gets right already looks like D_x. Over the distinct answers (ranking.distinct)
+    q_blue = 0.1 / 0.9 = 0.1111, 6.3× the push away from the wrong answer."""
+    logp = torch.tensor([[[math.log(0.8)]] * 7 + [[math.log(0.1)]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.ones_like(logp)
+    multiset = torch.tensor([[1 / 7] * 7 + [0.0]], dtype=torch.float64)
+    ldl_grpo_loss(logp, None, mask, multiset, 0.0)[0].backward()
+    assert logp.grad[0, 7, 0].item() == pytest.approx(0.1 / 5.7, rel=1e-9)
+    assert logp.grad[0, 0, 0].item() == pytest.approx(0.8 / 5.7 - 1 / 7, rel=1e-9)
+    logp.grad = None
+    valid = torch.tensor([[True] + [False] * 6 + [True]])
+    distinct = torch.tensor([[1.0] + [0.0] * 7], dtype=torch.float64)
+    ldl_grpo_loss(logp, None, mask, distinct, 0.0, valid=valid)[0].backward()
+    assert logp.grad[0, 7, 0].item() == pytest.approx(0.1 / 0.9, rel=1e-9)
+    assert logp.grad[0, 0, 0].item() == pytest.approx(0.8 / 0.9 - 1.0, rel=1e-9)
+    assert torch.all(logp.grad[0, 1:7] == 0)                     # repeats leave the group
+
+
 def test_ldl_grpo_needs_a_reference_for_a_kl_weight():
     lp, _, m, D = _ldl_inputs()
     with pytest.raises(ValueError, match="ref_token_logp"):
