@@ -192,8 +192,7 @@ def shapes_vqa(
 def caption_of(objects: list[dict], image_size: int | None = None) -> str:
     """'a red circle', 'a red circle and a blue square', 'a, b and c' (objects in reading order); with
     `image_size`, each object's side as well: 'a red circle on the left and a blue square on the right'."""
-    where = (lambda o: f" on the {side(o, image_size)}") if image_size else (lambda o: "")
-    parts = [f"a {o['color']} {o['shape']}{where(o)}" for o in objects]
+    parts = [f"a {o['color']} {o['shape']}" + (f" on the {side(o, image_size)}" if image_size else "") for o in objects]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 

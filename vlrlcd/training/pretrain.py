@@ -103,11 +103,7 @@ def pretrain_tower(path: str | Path, records: list[Record], epochs: float, lr: f
     """Train the vision tower of the tiny LLaVA at `path` alone to name each patch's object: two linear heads
     on the tower's patch features (the layer LLaVA reads, CLS dropped), cross-entropy for shape and colour
     (background = class 0), on records whose meta holds the scene's objects; saves the model back (the heads
-    are dropped) and returns the per-step losses.
-
-    (A third head naming each patch's half of the image, left / right, was tried for the VQA position
-    questions and not kept: tuning seeds 3 / 4, SFT position 0.586 / 0.570, and shapes fell to 0.531 on seed 4;
-    README, Results.)"""
+    are dropped) and returns the per-step losses."""
     from vlrlcd.adapters.base import StudentAdapter
     from vlrlcd.adapters.config import StudentConfig
     from vlrlcd.adapters.loader import load_base
