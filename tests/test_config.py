@@ -88,6 +88,11 @@ def test_method_sections_and_the_flat_keys_they_replace(tmp_path):
         load_config(p)
     with pytest.raises(VlrlcdError, match=r"train.grpo.loss_type 'ppo' is not one of"):
         load_config(None, ["train.grpo.loss_type=ppo"])
+    with pytest.raises(VlrlcdError, match=r"train.ldl_grpo.form 'sideways' is not one of forward, reverse"):
+        load_config(None, ["train.ldl_grpo.form=sideways"])
+    assert load_config(None, ["train.ldl_grpo.form=reverse"]).train.ldl_grpo.form == "reverse"
+    with pytest.raises(VlrlcdError, match=r"train.ldl_grpo.entropy"):
+        load_config(None, ["train.ldl_grpo.entropy=1.5"])
 
 
 def _old_run_config(tmp_path, **removed):

@@ -1,6 +1,6 @@
 """LDL-GRPO moves the policy toward D_x: one optimizer step on a fixed group raises the log-probability of
 the high-D candidates relative to the low-D ones, for both forms of q_θ (mean-token and summed) and with the
-KL to the SFT policy on and off."""
+KL to the SFT policy on and off, and for both directions of the match (train.ldl_grpo.form)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ def paths(tmp_path_factory):
     return base, sft_adapter(base, root / "sft")
 
 
+@pytest.mark.parametrize("form", ["forward", "reverse"])
 @pytest.mark.parametrize("length_normalize", [True, False])
 @pytest.mark.parametrize("beta", [0.0, 0.2])
-def test_one_step_raises_high_d_candidates(paths, length_normalize, beta):
+def test_one_step_raises_high_d_candidates(paths, length_normalize, beta, form):
     base, adapter = paths
     torch.manual_seed(0)
     student = load_student(StudentConfig(name_or_path=str(base)), adapter=adapter, reference=adapter)
@@ -39,7 +40,9 @@ def test_one_step_raises_high_d_candidates(paths, length_normalize, beta):
     r = torch.tensor([0.0, -2.0, -0.5, -3.0])
     target = torch.softmax(r / 0.2, 0)
     group = Group(rec, "7", prefix, cands, ["7", "8", "it is 7", "red"], Scores(r, torch.tensor(0.0)), r, target)
-    cfg = dataclasses.replace(TrainConfig(), beta=beta, length_normalize=length_normalize)
+    base_cfg = TrainConfig()
+    cfg = dataclasses.replace(base_cfg, beta=beta, length_normalize=length_normalize,
+                              ldl_grpo=dataclasses.replace(base_cfg.ldl_grpo, form=form))
     ctx = StepContext(step=0, total_steps=1, ranking=RankingConfig())
 
     def seq_logp() -> torch.Tensor:

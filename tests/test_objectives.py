@@ -189,6 +189,69 @@ def test_ldl_grpo_rare_wrong_answer_gradient_with_and_without_repeats():
     assert torch.all(logp.grad[0, 1:7] == 0)                     # repeats leave the group
 
 
+def test_ldl_grpo_reverse_form_pushes_a_rare_wrong_sample_with_full_weight():
+    """The same samples as above (7× red at p 0.8, 1× blue at p 0.1), form="reverse", D_x = 0.142 on each red
+    and 0.006 on blue. η = 0 (the cross-entropy): c_k = −log D_k, c_red = 1.95193, c_blue = 5.11600, mean c =
+    (7·1.95193 + 5.11600)/8 = 2.34744; A_red = −0.39551, A_blue = +2.76856. The surrogate is Σ_k A_k s_k / K:
+    ∂/∂s_blue = 2.76856 / 8 = 0.34607 (a push down; GRPO's standardised advantage for it is −2.65, 0.331 a
+    sample), ∂/∂s_red = −0.04944 each (a push up); the forward form pushes blue by 0.018."""
+    logp = torch.tensor([[[math.log(0.8)]] * 7 + [[math.log(0.1)]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.ones_like(logp)
+    D = torch.tensor([[0.142] * 7 + [0.006]], dtype=torch.float64)
+    loss, metrics = ldl_grpo_loss(logp, None, mask, D, 0.0, form="reverse")
+    loss.backward()
+    c_red, c_blue = -math.log(0.142), -math.log(0.006)
+    mean_c = (7 * c_red + c_blue) / 8
+    assert logp.grad[0, 7, 0].item() == pytest.approx((c_blue - mean_c) / 8, rel=1e-9)
+    assert logp.grad[0, 7, 0].item() == pytest.approx(0.34607, abs=1e-5)
+    assert logp.grad[0, 0, 0].item() == pytest.approx(-0.04944, abs=1e-5)
+    assert metrics["reverse_adv_abs"] == pytest.approx((7 * abs(c_red - mean_c) + abs(c_blue - mean_c)) / 8, rel=1e-9)
+    # kl_target still reports the forward KL(D ‖ q) over the multiset, as the forward form does
+    q = torch.tensor([0.8] * 7 + [0.1], dtype=torch.float64) / 5.7
+    assert metrics["kl_target"] == pytest.approx(float((D[0] * (D[0] / q).log()).sum()), rel=1e-9)
+    # η = 1 (KL(π ‖ D)): c_k = log π(y_k) − log D_k, c_red = log(0.8/0.142) = 1.72874, c_blue = log(0.1/0.006) =
+    # 2.81341: blue's rarity (log π = −2.30) offsets most of its low D, ∂/∂s_blue = 0.11864
+    logp.grad = None
+    ldl_grpo_loss(logp, None, mask, D, 0.0, form="reverse", entropy=1.0)[0].backward()
+    c_red, c_blue = math.log(0.8 / 0.142), math.log(0.1 / 0.006)
+    mean_c = (7 * c_red + c_blue) / 8
+    assert logp.grad[0, 7, 0].item() == pytest.approx((c_blue - mean_c) / 8, rel=1e-9)
+    assert logp.grad[0, 7, 0].item() == pytest.approx(0.11864, abs=1e-5)
+
+
+def test_ldl_grpo_reverse_form_is_still_where_its_advantages_vanish():
+    """η = 1 and π ∝ D on the group (log π − log D the same for every sample), or η = 0 and D uniform over
+    the samples: every advantage and gradient is 0."""
+    logp = torch.tensor([[[math.log(0.6)], [math.log(0.3)], [math.log(0.1)]]], dtype=torch.float64,
+                        requires_grad=True)
+    for D, eta in ((torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64), 1.0),
+                   (torch.full((1, 3), 1 / 3, dtype=torch.float64), 0.0)):
+        logp.grad = None
+        loss, metrics = ldl_grpo_loss(logp, None, torch.ones_like(logp), D, 0.0, form="reverse", entropy=eta)
+        loss.backward()
+        assert torch.allclose(logp.grad, torch.zeros_like(logp), atol=1e-12)
+        assert metrics["reverse_adv_abs"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ldl_grpo_reverse_form_uses_the_summed_log_prob_and_the_mean_score():
+    """Two-token samples, η = 1: c_k reads log π(y_k) (the sum), the gradient flows through s_θ (the token mean
+    under length_normalize), so each of y_k's two tokens gets A_k / (K · 2)."""
+    logp = torch.tensor([[[-0.1, -0.2], [-1.0, -2.0]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.ones_like(logp)
+    D = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    ldl_grpo_loss(logp, None, mask, D, 0.0, length_normalize=True, form="reverse", entropy=1.0)[0].backward()
+    c = torch.tensor([-0.3, -3.0], dtype=torch.float64) - math.log(0.5)
+    adv = c - c.mean()                                             # [+1.35, −1.35]
+    expected = (adv / 2 / 2)[:, None].expand(2, 2)
+    assert torch.allclose(logp.grad[0], expected, atol=1e-12)
+
+
+def test_ldl_grpo_form_must_be_known():
+    lp, _, m, D = _ldl_inputs()
+    with pytest.raises(ValueError, match="form"):
+        ldl_grpo_loss(lp, None, m, D, beta=0.0, form="sideways")
+
+
 def test_ldl_grpo_needs_a_reference_for_a_kl_weight():
     lp, _, m, D = _ldl_inputs()
     with pytest.raises(ValueError, match="ref_token_logp"):

@@ -228,7 +228,7 @@ def test_a_method_section_counts_for_the_methods_that_read_it():
     readers = {"train.grpo.eps_low=0.3": {"anchor_grpo", "judge_grpo", "rlsd"},
                "train.dpo.beta=0.3": {"single_pair_dpo", "anchor_rank_dpo", "tvkd_dpo"},
                "train.rlsd.lambda0=0.5": {"rlsd"}, "train.self_ppo.eps=0.1": {"self_ppo"},
-               "train.ldl_grpo.nll=0.5": {"ldl_grpo"},
+               "train.ldl_grpo.nll=0.5": {"ldl_grpo"}, "train.ldl_grpo.form=reverse": {"ldl_grpo"},
                "ranking.tau=0.25": set(methods) - {"sft2"}}
     for override, users in readers.items():
         key = override.split("=")[0]
@@ -260,3 +260,14 @@ def test_a_key_added_later_counts_only_once_it_is_on():
         for key, value in (("tower_pretrain_epochs", "1"), ("pretrain_sides", "true")):
             on = stage_config_inputs(_cfg("student.name_or_path=tiny-llava", f"student.tiny.{key}={value}"), stage)
             assert changed_keys(off, on) == [f"student.tiny.{key}"], stage
+
+
+def test_ldl_grpo_form_counts_only_once_it_is_reverse():
+    """train.ldl_grpo.form and .entropy came after runs were recorded: at forward and 0 (the method before them)
+    they are left out of the stage-II digest, so those runs still resume; set, each counts."""
+    off = stage_config_inputs(_cfg(), "ldl_grpo")
+    assert "train.ldl_grpo.form" not in off and "train.ldl_grpo.entropy" not in off and "train.ldl_grpo.nll" in off
+    on = stage_config_inputs(_cfg("train.ldl_grpo.form=reverse"), "ldl_grpo")
+    assert changed_keys(off, on) == ["train.ldl_grpo.form"]
+    both = stage_config_inputs(_cfg("train.ldl_grpo.form=reverse", "train.ldl_grpo.entropy=1"), "ldl_grpo")
+    assert changed_keys(on, both) == ["train.ldl_grpo.entropy"]

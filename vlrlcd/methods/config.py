@@ -15,6 +15,7 @@ from vlrlcd.errors import VlrlcdError
 from vlrlcd.ranges import check_ranges
 
 GRPO_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")   # objectives.common.LOSS_TYPES
+LDL_FORMS = ("forward", "reverse")                      # objectives.ldl_grpo.LDL_FORMS
 
 
 @dataclass
@@ -54,10 +55,17 @@ class LdlConfig:
                                        # term (arXiv 2404.19733) that keeps the agreeing candidates' absolute
                                        # likelihood up while q_θ is matched to D_x; 0: the listwise KL alone
 
-    RANGES: ClassVar[dict[str, str]] = {"nll": "[0, inf) 0: the listwise KL alone"}
+    form: str = "forward"              # forward: KL(D_x ‖ q_θ) over the K candidates (the paper's listwise form);
+                                       # reverse: H(π_θ, D_x) − η·H(π_θ) over answers, estimated on the K samples
+                                       # (policy gradient on log D_x; objectives/ldl_grpo.py: reverse_kl_surrogate)
+    entropy: float = 0.0               # η of form=reverse: 1 = KL(π_θ ‖ D_x); 0 = the cross-entropy alone
+
+    RANGES: ClassVar[dict[str, str]] = {"nll": "[0, inf) 0: the listwise KL alone", "entropy": "[0, 1]"}
 
     def validate(self) -> None:
         check_ranges(self, "train.ldl_grpo.")
+        if self.form not in LDL_FORMS:
+            raise VlrlcdError(f"train.ldl_grpo.form '{self.form}' is not one of {', '.join(LDL_FORMS)}")
 
 
 @dataclass

@@ -30,7 +30,8 @@ _TEACHER_ANSWERS = {"backend", "model", "base_url", "jsonl_path", "temperature",
                     "quantization", "error_rate", "paraphrase_rate", "seed"}
 # keys added after runs were recorded, left out while at their off value (the behaviour before them) so that
 # those runs still resume (train.self_ppo.scorer is not: before it self_ppo scored with ranking.scorer)
-_ADDED_OFF = {"student.tiny.tower_pretrain_epochs": 0.0, "student.tiny.pretrain_sides": False}
+_ADDED_OFF = {"student.tiny.tower_pretrain_epochs": 0.0, "student.tiny.pretrain_sides": False,
+              "train.ldl_grpo.form": "forward", "train.ldl_grpo.entropy": 0.0}
 # inputs computed from files rather than read from the config (phase-one checks, before any data is loaded,
 # compare the config keys only)
 DERIVED = ("student.base", "data.train_records", "data.eval_records", "anchors", "start")
@@ -107,7 +108,7 @@ def rl_inputs(cfg, objective: str) -> dict[str, Any]:
 
     method = get_method(objective)
     other = [s for s in METHOD_SECTIONS if s not in method.sections]
-    train = {k: v for k, v in _drop(flatten(cfg.train, "train"), "train", other).items()
+    train = {k: v for k, v in omit_added_off(_drop(flatten(cfg.train, "train"), "train", other)).items()
              if k.split(".")[1] not in _TRAIN_INFRA | _SFT_KEYS}
     train["train.objective"] = objective
     out = {"seed": cfg.seed, **_student(cfg, sampling=True), **_data(cfg), **train}
