@@ -143,3 +143,12 @@ def test_train_log_every_is_removed(tmp_path, monkeypatch):
     assert load_config(_old_run_config(tmp_path, train__log_every=1)) == load_config(None)
     with pytest.raises(VlrlcdError, match="'train.log_every' was removed"):
         load_config(None, ["train.log_every=10"])
+
+
+def test_torch_free_copies_of_objective_names_match_the_objectives():
+    """methods/config.py keeps torch-free copies of the names the objectives accept; they must not drift."""
+    from vlrlcd.methods.config import GRPO_LOSS_TYPES, LDL_FORMS
+    from vlrlcd.objectives.common import LOSS_TYPES
+    from vlrlcd.objectives.ldl_grpo import LDL_FORMS as OBJECTIVE_LDL_FORMS
+
+    assert GRPO_LOSS_TYPES == LOSS_TYPES and LDL_FORMS == OBJECTIVE_LDL_FORMS

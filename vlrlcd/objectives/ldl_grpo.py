@@ -94,9 +94,10 @@ def reverse_kl_surrogate(token_logp: Tensor, mask: Tensor, target: Tensor, seq: 
     """
     keep = torch.ones_like(target, dtype=torch.bool) if valid is None else valid.bool()
     with torch.no_grad():
-        log_pi = masked_sum(token_logp, mask, dim=-1)
-        log_d = torch.log(target.clamp(min=0)).clamp(min=LOG_D_FLOOR)
-        c = (entropy * log_pi - log_d).masked_fill(~keep, 0.0)
+        c = -torch.log(target).clamp(min=LOG_D_FLOOR)
+        if entropy != 0:
+            c = c + entropy * masked_sum(token_logp, mask, dim=-1)
+        c = c.masked_fill(~keep, 0.0)
         n = keep.sum(-1, keepdim=True).clamp(min=1)
         adv = (c - c.sum(-1, keepdim=True) / n).masked_fill(~keep, 0.0)
     surrogate = ((adv * seq.masked_fill(~keep, 0.0)).sum(-1) / n.squeeze(-1)).mean()
