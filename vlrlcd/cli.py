@@ -20,7 +20,8 @@ def _config(args):
 def cmd_demo(args) -> int:
     from vlrlcd.demo import run_demo
 
-    run_demo(args.out, args.seed, args.quick, args.overrides, progress=not args.no_progress, task=args.task)
+    run_demo(args.out, args.seed, args.quick, args.overrides, progress=not args.no_progress, task=args.task,
+             jobs=args.jobs)
     return 0
 
 
@@ -43,17 +44,21 @@ def cmd_train(args) -> int:
         summary = run_methods(cfg, [cfg.train.objective], dist, args.resume, progress=not args.no_progress,
                               restart=args.restart_stage)
     except TrainingInterrupted as e:
-        if dist.is_main:
-            again = " ".join(["vlrlcd train", args.config, *args.overrides, "--resume"])
-            launcher = " (under the same torchrun / accelerate launch)" if dist.multi else ""
-            print(f"interrupted: {e.stage} stopped after step {e.step}; checkpoint saved in {e.checkpoint}\n"
-                  f"continue with{launcher}: {again}", file=sys.stderr)
-        return 130
+        return _interrupted(e, ["vlrlcd train", args.config, *args.overrides, "--resume"], dist)
     finally:
         dist.close()
     if dist.is_main:
         print(format_table(summary.to_json()))
     return 0
+
+
+def _interrupted(e, again: list[str], dist) -> int:
+    """Say where an interrupted run stopped and the command that continues it; the exit code of a Ctrl-C."""
+    if dist.is_main:
+        launcher = " (under the same torchrun / accelerate launch)" if dist.multi else ""
+        print(f"interrupted: {e.stage} stopped after step {e.step}; checkpoint saved in {e.checkpoint}\n"
+              f"continue with{launcher}: {' '.join(again)}", file=sys.stderr)
+    return 130
 
 
 def cmd_eval(args) -> int:
@@ -102,15 +107,20 @@ def judge_eval(cfg, records, predictions) -> dict:
 
 
 def cmd_compare(args) -> int:
-    from vlrlcd.compare import format_compare, run_compare
-
+    from vlrlcd.compare import format_compare, parse_objectives, run_compare
+    from vlrlcd.stage_pool import auto_jobs
     from vlrlcd.training.distributed import setup_distributed
+    from vlrlcd.training.interrupts import TrainingInterrupted
 
     cfg = _config(args)
     dist = setup_distributed(cfg.train.mixed_precision)
     try:
+        jobs = auto_jobs(len(parse_objectives(args.objectives)), dist) if args.jobs is None else args.jobs
         result = run_compare(cfg, args.objectives, progress=not args.no_progress, resume=args.resume,
-                             restart=args.restart_stage, dist=dist)
+                             restart=args.restart_stage, dist=dist, jobs=jobs)
+    except TrainingInterrupted as e:
+        again = ["vlrlcd compare", args.config, *args.overrides, "--objectives", args.objectives, "--resume"]
+        return _interrupted(e, again, dist)
     finally:
         dist.close()
     if dist.is_main:
@@ -152,6 +162,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _jobs(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{value}': give a number of methods >= 1, or auto")
+    return n
+
+
+def _jobs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=_jobs, default=None, metavar="N",
+                        help="stage-II methods trained at once, one process each, with the numbers of a "
+                             "sequential run (default auto: one per free CPU core at torch's thread count; 1 "
+                             "with a CUDA device or under torchrun / accelerate)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlrlcd", description="RL capability distillation for small VLM / text students")
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes)")
     d.add_argument("--no-progress", action="store_true")
+    _jobs_argument(d)
     d.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo recipe")
     d.set_defaults(func=cmd_demo)
 
@@ -193,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="reuse finished stages, continue unfinished ones")
     c.add_argument("--restart-stage", metavar="STAGE", default=None,
                    help="with --resume (implied): train STAGE again (sft: and every objective)")
+    _jobs_argument(c)
     c.set_defaults(func=cmd_compare)
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir")

@@ -111,14 +111,14 @@ def compare_result(summary: Summary, names: list[str], run_dir: Path) -> dict:
 
 
 def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume: bool = False,
-                restart: str | None = None, dist: "Dist | None" = None) -> dict:
+                restart: str | None = None, dist: "Dist | None" = None, jobs: int = 1) -> dict:
     """Prepare once, SFT once, then each objective from the SFT adapter (`run.run_methods`); returns the
     table (`compare_result`), written to RUN/compare.csv and RUN/compare.json after every method.
 
     With `resume` (implied by `restart`), stages an earlier run finished are reused and an unfinished one
     continues from its newest checkpoint, so an interrupted comparison picks up where it stopped.
     An objective that fails with a user error (VlrlcdError) gets a row with `error` and the others still
-    run; anything else propagates.
+    run; anything else propagates. Up to `jobs` objectives train at once (`run.run_methods`).
     """
     from vlrlcd.run import run_methods
 
@@ -131,7 +131,7 @@ def run_compare(cfg, objectives: str | list[str], progress: bool = True, resume:
             result.update(compare_result(summary, names, run))
             write_tables(run, result)
 
-    run_methods(cfg, names, dist, resume, progress, restart=restart, keep_going=True, on_method=record)
+    run_methods(cfg, names, dist, resume, progress, restart=restart, keep_going=True, on_method=record, jobs=jobs)
     return result
 
 

@@ -57,14 +57,18 @@ def demo_config(out: str | Path, seed: int = 0, quick: bool = False, overrides: 
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
-             overrides: list[str] | None = None, progress: bool = True, task: str = "vqa") -> dict:
+             overrides: list[str] | None = None, progress: bool = True, task: str = "vqa",
+             jobs: int | None = None) -> dict:
     """Run one demo task end to end (`run.run_methods`); writes OUT/summary.json and the report, prints the
-    table beside the chance level, and returns the summary as written."""
+    table beside the chance level, and returns the summary as written. The stage-II methods train `jobs` at a
+    time (default `stage_pool.auto_jobs`: one per free core), with the numbers of a sequential run."""
     from vlrlcd.run import run_methods
+    from vlrlcd.stage_pool import auto_jobs
 
     cfg = demo_config(out, seed, quick, overrides, task)
-    summary = run_methods(cfg, ["ldl_grpo"] if quick else list(METHODS), progress=progress, task=task,
-                          quick=quick).to_json()   # as run_methods wrote it
+    methods = ["ldl_grpo"] if quick else list(METHODS)
+    summary = run_methods(cfg, methods, progress=progress, task=task, quick=quick,
+                          jobs=auto_jobs(len(methods)) if jobs is None else jobs).to_json()   # as written
     print(format_table(summary), flush=True)
     print(f"chance level ({task}: the best input-blind constant answer per question type, chosen on the "
           f"training split): {summary['chance']:.3f}" if summary["chance"] is not None else "chance level: -",

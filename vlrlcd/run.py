@@ -33,13 +33,16 @@ def stage_names(methods: list[str]) -> list[str]:
 
 def run_methods(cfg: Config, methods: list[str], dist: "Dist | None" = None, resume: bool = False,
                 progress: bool = True, restart: str | None = None, keep_going: bool = False,
-                on_method: OnMethod | None = None, task: str | None = None, quick: bool | None = None) -> Summary:
+                on_method: OnMethod | None = None, task: str | None = None, quick: bool | None = None,
+                jobs: int = 1) -> Summary:
     """Train and evaluate SFT and then each method in `methods` from the SFT adapter; writes RUN/summary.json.
 
     `resume` (implied by `restart`, a stage to train again) reuses finished stages and continues unfinished
     ones. With `keep_going`, a method that fails with a user error (VlrlcdError) is recorded in
     `Summary.errors` and the others still run. `on_method(name, summary)` runs after each method (sft first);
-    the summary's metrics are filled on process 0 only. `task` / `quick` label a demo's summary."""
+    the summary's metrics are filled on process 0 only. `task` / `quick` label a demo's summary. With `jobs` > 1
+    (one process, no torchrun / accelerate launch) up to `jobs` stage-II methods train at once, each in a worker
+    process (stage_pool.py), with the numbers of a sequential run; `on_method` then runs as each finishes."""
     stages = stage_names(methods)
     for name in stages[1:]:  # fail before any work: e.g. tvkd_dpo without a teacher
         replace(cfg.train, objective=name).validate()
@@ -52,18 +55,53 @@ def run_methods(cfg: Config, methods: list[str], dist: "Dist | None" = None, res
     summary.task, summary.quick = task, quick
     sft_adapter, summary.methods["sft"] = pipeline.run_sft(prep, progress=progress, resume=resume, dist=dist)
     _done("sft", summary, t0, on_method)
-    for name in stages[1:]:
-        try:
-            _, summary.methods[name] = pipeline.run_rl(prep, sft_adapter, name, progress=progress, resume=resume,
-                                                       dist=dist)
-        except VlrlcdError as e:
-            if not keep_going:
-                raise
-            summary.errors[name] = str(e)
-        _done(name, summary, t0, on_method)
+    if jobs > 1 and len(stages) > 2 and (dist is None or not dist.multi):
+        _stage_two_parallel(prep, sft_adapter, stages[1:], summary, jobs, progress, resume, keep_going, t0, on_method)
+    else:
+        for name in stages[1:]:
+            try:
+                _, summary.methods[name] = pipeline.run_rl(prep, sft_adapter, name, progress=progress,
+                                                           resume=resume, dist=dist)
+            except VlrlcdError as e:
+                if not keep_going:
+                    raise
+                summary.errors[name] = str(e)
+            _done(name, summary, t0, on_method)
     if main:
         summary.write(cfg.run_dir)
     return summary
+
+
+def _stage_two_parallel(prep: pipeline.Prepared, sft_adapter: Path, names: list[str], summary: Summary, jobs: int,
+                        progress: bool, resume: bool, keep_going: bool, t0: float,
+                        on_method: OnMethod | None) -> None:
+    """The stage-II methods `jobs` at a time in worker processes (stage_pool.py); the summary lists them in
+    `names`' order. A user error stops the run (after the methods already running) unless `keep_going`; an
+    interrupt raises TrainingInterrupted once every running method has saved its checkpoint."""
+    from vlrlcd.stage_pool import train_parallel
+    from vlrlcd.training.interrupts import TrainingInterrupted
+
+    failed, stopped = None, None
+    results = train_parallel(prep, sft_adapter, names, min(jobs, len(names)), progress, resume)
+    for res in results:
+        if res.interrupted is not None:
+            stopped = stopped or res.interrupted
+            continue
+        if res.skipped:
+            continue
+        if res.error is not None:
+            summary.errors[res.name] = res.error
+            failed = failed or (None if keep_going else res.error)
+        else:
+            summary.methods[res.name] = res.metrics
+        _done(res.name, summary, t0, on_method)
+    order = {n: i for i, n in enumerate(["sft", *names])}
+    summary.methods = dict(sorted(summary.methods.items(), key=lambda kv: order.get(kv[0], len(order))))
+    if stopped is not None:
+        stage, step, checkpoint = stopped
+        raise TrainingInterrupted(stage, step, None if checkpoint is None else Path(checkpoint))
+    if failed is not None:
+        raise VlrlcdError(failed)
 
 
 def _done(name: str, summary: Summary, t0: float, on_method: OnMethod | None) -> None:

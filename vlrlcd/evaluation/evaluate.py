@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vlrlcd.adapters.base import StudentAdapter
 from vlrlcd.datasets.records import Record
@@ -15,6 +14,7 @@ from vlrlcd.errors import VlrlcdError
 from vlrlcd.evaluation.config import EvalConfig
 from vlrlcd.evaluation.metrics import resolve_metric, score_record
 from vlrlcd.files import atomic_open, write_json
+from vlrlcd.progress import bar as progress_bar
 
 
 @dataclass
@@ -40,7 +40,7 @@ def greedy_answers(student: StudentAdapter, records: list[Record], max_new_token
                    progress: bool = True) -> list[str]:
     """Greedy answers, `batch_size` records per batched decode, with a progress bar over records."""
     answers: list[str] = []
-    with tqdm(total=len(records), desc="eval", unit="prompt", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(records), desc="eval", unit="prompt", disable=not progress, leave=False) as bar:
         for chunk in chunks(records, batch_size):
             answers += student.generate(chunk, max_new_tokens, batch_size=len(chunk))
             bar.update(len(chunk))

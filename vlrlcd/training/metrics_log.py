@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from vlrlcd.errors import VlrlcdError
 from vlrlcd.files import atomic_write
+from vlrlcd.progress import bar as progress_bar
 from vlrlcd.training.distributed import Dist
 
 
@@ -81,8 +82,8 @@ class StepLog:
         """Start the clock, TensorBoard (process 0) and the progress bar."""
         if self.dist.is_main:
             self.tb = _tensorboard(self.tb_dir, start_step) if tensorboard else None
-        self.bar = tqdm(total=total, initial=start_step, desc=self.stage,
-                        disable=not (progress and self.dist.is_main), leave=False)
+        self.bar = progress_bar(total=total, initial=start_step, desc=self.stage,
+                                 disable=not (progress and self.dist.is_main), leave=False)
         self._t0 = time.time()
 
     def close(self) -> None:
