@@ -106,6 +106,7 @@ class OursStep:
     def __call__(self) -> float:
         from vlrlcd.training.rl import rl_step
 
+        self.student.inputs_cache.clear()   # the fixed batch stands for new prompts: TRL processes them every step
         t0 = time.perf_counter()
         result = rl_step(self.run, self.step_index, self.batch, [self.w.anchors[r.id] for r in self.batch])
         self.step_index += 1

@@ -258,6 +258,7 @@ def test_dropping_mm_token_type_ids_is_caught(name, ckpts, images):
             return [(ids, {k: v for k, v in kwargs.items() if k != "mm_token_type_ids"}) for ids, kwargs in rows], pixels
 
         student.family = dataclasses.replace(student.family, build_prompts=without_types)
+        student.inputs_cache.clear()   # build the prompt again through the altered processor
         bad_prefix = student.prefix(PROMPT, images[1])
         bad = student.token_logprobs(bad_prefix, responses).logp[0]
     assert torch.allclose(good, naive, atol=1e-5)

@@ -188,6 +188,7 @@ def test_rollout_batch_groups_equal_per_prompt_rollouts(name, students, images):
             for i, p in enumerate(PROMPTS[:3])]
     anchors = ["red", "a blue square", "5"]
     cfg, rcfg = TrainConfig(objective="ldl_grpo", k=3, temperature=1.0), RankingConfig()
+    student.inputs_cache.clear()   # prompts not built before (the module's student has seen them)
     vision = student.vision_calls
     groups = rollout_batch(student, recs, anchors, cfg, rcfg, M, [sample_generator(0, 2, i) for i in range(3)])
     assert student.vision_calls - vision == (3 if name == "llava" else 0)  # one vision pass per prompt

@@ -23,7 +23,8 @@ from PIL import Image
 from transformers import DynamicCache
 
 from vlrlcd.adapters.cache import cache_kwargs, output_cache, repeat_cache
-from vlrlcd.adapters.families import Family, counted_positions, image_row
+from vlrlcd.adapters.families import VISION_MODULES, Family, counted_positions, image_row
+from vlrlcd.adapters.inputs_cache import InputsCache, inputs_key
 from vlrlcd.adapters.padding import pad_rows
 from vlrlcd.errors import VlrlcdError
 
@@ -84,6 +85,8 @@ class StudentAdapter:
         self.family = family
         self.name_or_path = name_or_path
         self.vision_calls = 0
+        self.inputs_cache = InputsCache()   # the processor's output for prompts built before (inputs_cache.py)
+        self._frozen_features: bool | None = None
         # set under FSDP (training/sharding.py): lockstep(local_done) -> whether every process is done.
         # Decoding then runs until all processes finish, and every pass has the same shape of calls.
         self.lockstep: Callable[[bool], bool] | None = None
@@ -131,34 +134,44 @@ class StudentAdapter:
                 )
             if not prompt or not prompt.strip():
                 raise VlrlcdError("empty prompt: every record needs a non-empty prompt")
-        imgs = [self.load_image(im) for im in images]
-        has = [imgs[i] is not None and features[i] is not None for i in range(n)]
+        has = [images[i] is not None and features[i] is not None for i in range(n)]
         given = [i for i in range(n) if has[i]]
         encode = [i for i in range(n) if not has[i]]  # text only, or an image to encode
         out: list[Prefix | None] = [None] * n
         for group, feats in ((encode, None), (given, [features[i] for i in given])):
             if group:
-                for i, prefix in zip(group, self._build([prompts[i] for i in group], [imgs[i] for i in group], feats)):
+                for i, prefix in zip(group, self._build([prompts[i] for i in group], [images[i] for i in group],
+                                                        feats)):
                     out[i] = prefix
         return out  # type: ignore[return-value]
 
-    def _build(self, prompts: list[str], imgs: list, features: list | None) -> list[Prefix]:
-        """Prefixes of prompts built in one processor call; their images' features are `features` or, when None,
-        one vision pass over all their images."""
-        rows, pixels = self.family.build_prompts(self, prompts, imgs)
+    def _build(self, prompts: list[str], images: list, features: list | None) -> list[Prefix]:
+        """Prefixes of prompts built in one processor call (or taken from `inputs_cache` when these prompts and
+        image files were built before); their images' features are `features` or, when None, one vision pass
+        over all their images."""
+        key = inputs_key(prompts, images)
+        built = self.inputs_cache.get(key)
+        if built is None:
+            built = self.family.build_prompts(self, prompts, [self.load_image(im) for im in images])
+            self.inputs_cache.put(key, built)
+        rows, pixels = built
         device = self.device
         pixels = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pixels.items()}
         if features is None and pixels:
-            batch = self.image_features(pixels, sum(im is not None for im in imgs))
-            features = [None] * len(imgs)
-            for j, i in enumerate(i for i, im in enumerate(imgs) if im is not None):
+            feature_key = ("features", key) if key is not None and self.features_frozen() else None
+            batch = self.inputs_cache.get(feature_key)
+            if batch is None:
+                batch = self.image_features(pixels, sum(im is not None for im in images))
+                self.inputs_cache.put(feature_key, batch)
+            features = [None] * len(images)
+            for j, i in enumerate(i for i, im in enumerate(images) if im is not None):
                 features[i] = type(batch)(pooler_output=[batch.pooler_output[j]])
         out, j = [], 0
         for i, (input_ids, model_kwargs) in enumerate(rows):
             input_ids = input_ids.to(device)
             model_kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
             feats = None
-            if imgs[i] is not None:
+            if images[i] is not None:
                 feats = features[i]
                 model_kwargs.update(self.family.feature_kwargs(feats, image_row(pixels, j)))
                 j += 1
@@ -168,6 +181,18 @@ class StudentAdapter:
                 model_kwargs["position_ids"], next_position = pos, int(nxt[0])
             out.append(Prefix(input_ids, model_kwargs, feats, next_position))
         return out
+
+    def features_frozen(self) -> bool:
+        """Whether image features depend on nothing that trains: no parameter of the vision tower, the projector
+        (or LLaVA-NeXT's image_newline) requires grad or belongs to an adapter. A build's features are then kept
+        with its processor output in `inputs_cache`: the numbers of a new vision pass over the same pixels."""
+        if self._frozen_features is None:
+            parts = [x for x in (*VISION_MODULES, self.family.projector, "image_newline") if x]
+            adapter_marks = ("lora_", "modules_to_save", "trainable_tokens")
+            self._frozen_features = not any(
+                p.requires_grad or any(m in n for m in adapter_marks)
+                for n, p in self.model.named_parameters() if any(x in n for x in parts))
+        return self._frozen_features
 
     def image_features(self, pixel_inputs: dict[str, torch.Tensor], images: int = 1) -> Any:
         """The one vision-tower pass over `images` images (gradient only if the projector is trained); only the
