@@ -63,13 +63,11 @@ def start_order(cfg, names: list[str]) -> list[str]:
     other workers idle; ties keep their order. Only the starting order: results are listed in `names`' order."""
     from dataclasses import replace
 
-    from vlrlcd.datasets.records import Record
-    from vlrlcd.methods import get_method
+    from vlrlcd.planning.methods import method_passes, rollout_shape
 
     def work(name: str) -> int:
-        method, tcfg = get_method(name), replace(cfg.train, objective=name)
-        plan = method.plan(tcfg, cfg.ranking, Record(id="order", prompt="order"), True)
-        return plan.k * (1 + (plan.score != "none") + len(method.passes(tcfg)))
+        k, scored = rollout_shape(replace(cfg, train=replace(cfg.train, objective=name)))
+        return k * (1 + scored + len(method_passes(name, cfg.train.beta)))
     return sorted(names, key=lambda n: -work(n))
 
 
